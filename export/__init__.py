@@ -1,0 +1,1 @@
+"""maskrt.export: ONNX export (portable and TensorRT targets), precision, TensorRT engine build."""

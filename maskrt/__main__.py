@@ -1,0 +1,3 @@
+from maskrt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""maskrt.model: RoI ops, ResNet-FPN backbone, RPN, RoI heads, MaskRCNN, weight converters (torch)."""

@@ -1,0 +1,1 @@
+"""maskrt.model.ops: RoIAlign, RoIPool, NMS, box math, anchors (pure PyTorch, vectorised)."""

@@ -1,0 +1,1 @@
+"""maskrt.train: synthetic and COCO datasets, transforms, trainer, COCO evaluation (torch)."""
