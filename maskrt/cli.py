@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--save", help="out.mp4 or a folder of PNGs")
     inf.add_argument("--conf", type=float, default=0.5)
     inf.add_argument("--max-frames", type=int, default=None)
+    inf.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     inf.set_defaults(handler=_infer)
 
     # bench
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--json", help="write the figures to this JSON file")
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
+    be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     be.set_defaults(handler=_bench)
 
     # demo

@@ -1,0 +1,142 @@
+"""RoIAlign speed: maskrt's pure-PyTorch roi_align (forward, forward+backward) next to ONNX
+Runtime's RoiAlign (forward) on the same FPN-sized inputs, measured side by side in one run.
+
+    .venv/bin/python bench/ops.py [--threads 1] [--repeat 3]
+
+Cases (Mask R-CNN at 800x1344, 256 channels):
+- box head: 1000 RoIs, 7x7, sampling 2, on P2 (200x336, scale 1/4);
+- mask head: 100 RoIs, 14x14, sampling 2, on P2;
+- multilevel: 1000 RoIs spread over P2..P5, 7x7 (ours: multilevel_roi_align; ORT: one RoiAlign
+  node per level, RoIs split by level beforehand, the split not timed).
+Both libraries get the same number of threads. Prints median times and the ratio ours/ORT.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from maskrt.model.ops import fpn_level, multilevel_roi_align, roi_align
+
+SCALES = [0.25, 0.125, 0.0625, 0.03125]
+IMAGE_HW = (800, 1344)
+
+
+def _timed(fn, repeat: int) -> float:
+    fn()  # warm-up: allocations, ORT's first run
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ort_session(levels: int, out_size: int, sampling: int, threads: int) -> ort.InferenceSession:
+    nodes, inputs, outputs = [], [], []
+    for level in range(levels):
+        x, rois, idx, y = f"X{level}", f"rois{level}", f"batch_indices{level}", f"Y{level}"
+        nodes.append(helper.make_node(
+            "RoiAlign", [x, rois, idx], [y], mode="avg", output_height=out_size, output_width=out_size,
+            sampling_ratio=sampling, spatial_scale=SCALES[level], coordinate_transformation_mode="output_half_pixel",
+        ))
+        inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info(rois, TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info(idx, TensorProto.INT64, None)]
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+    model = helper.make_model(helper.make_graph(nodes, "roi_align", inputs, outputs), opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 10  # ORT 1.31 reads IR <= 13
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _random_rois(rng: np.random.Generator, count: int, min_side: float, max_side: float) -> np.ndarray:
+    side = np.exp(rng.uniform(np.log(min_side), np.log(max_side), size=(count, 2)))
+    xy = rng.uniform(0, 1, size=(count, 2)) * (np.array(IMAGE_HW[::-1]) - side)
+    return np.concatenate([xy, xy + side], axis=1).astype(np.float32)
+
+
+def _features(channels: int, rng: np.random.Generator) -> list[np.ndarray]:
+    h, w = IMAGE_HW
+    return [rng.standard_normal((1, channels, int(h * s), int(w * s))).astype(np.float32) for s in SCALES]
+
+
+def bench_single_level(name: str, count: int, out_size: int, features: list[np.ndarray], rng: np.random.Generator, threads: int, repeat: int) -> None:
+    # RoIs sized for P2 (sqrt area < 112): what the pooler actually sends there.
+    rois = _random_rois(rng, count, 16, 110)
+    feature = torch.from_numpy(features[0])
+    rois5 = torch.cat([torch.zeros(count, 1), torch.from_numpy(rois)], dim=1)
+    session = _ort_session(1, out_size, 2, threads)
+    feeds = {"X0": features[0], "rois0": rois, "batch_indices0": np.zeros(count, np.int64)}
+    ours = roi_align(feature, rois5, out_size, SCALES[0], 2)
+    np.testing.assert_allclose(ours.numpy(), session.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+    leaf = feature.clone().requires_grad_()
+    grad = torch.randn(count, feature.shape[1], out_size, out_size)
+
+    def forward() -> None:
+        with torch.no_grad():
+            roi_align(feature, rois5, out_size, SCALES[0], 2)
+
+    def forward_backward() -> None:
+        leaf.grad = None
+        roi_align(leaf, rois5, out_size, SCALES[0], 2).backward(grad)
+
+    _report(name, _timed(forward, repeat), _timed(forward_backward, repeat), _timed(lambda: session.run(None, feeds), repeat))
+
+
+def bench_multilevel(count: int, features: list[np.ndarray], rng: np.random.Generator, threads: int, repeat: int) -> None:
+    rois = _random_rois(rng, count, 16, 700)
+    torch_features = [torch.from_numpy(f) for f in features]
+    torch_rois = torch.from_numpy(rois)[None]
+    levels = (fpn_level(torch.from_numpy(rois), 2, 5) - 2).numpy()
+    session = _ort_session(4, 7, 2, threads)
+    feeds = {}
+    for level in range(4):
+        picked = np.where(levels == level)[0]
+        feeds.update({f"X{level}": features[level], f"rois{level}": rois[picked], f"batch_indices{level}": np.zeros(len(picked), np.int64)})
+    print(f"  multilevel RoIs per level P2..P5: {np.bincount(levels, minlength=4).tolist()}")
+    leaves = [f.clone().requires_grad_() for f in torch_features]
+    grad = torch.randn(1, count, features[0].shape[1], 7, 7)
+
+    def forward() -> None:
+        with torch.no_grad():
+            multilevel_roi_align(torch_rois, torch_features, SCALES, 7, 7, 2, False)
+
+    def forward_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        multilevel_roi_align(torch_rois, leaves, SCALES, 7, 7, 2, False).backward(grad)
+
+    _report("multilevel 1000x256x7x7 P2-P5", _timed(forward, repeat), _timed(forward_backward, repeat), _timed(lambda: session.run(None, feeds), repeat))
+
+
+def _report(name: str, forward: float, forward_backward: float, ort_forward: float) -> None:
+    print(f"{name:32s} ours fwd {forward * 1e3:8.1f} ms | ours fwd+bwd {forward_backward * 1e3:8.1f} ms | "
+          f"ORT fwd {ort_forward * 1e3:8.1f} ms | fwd ratio ours/ORT {forward / ort_forward:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="threads for both torch and ONNX Runtime")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    features = _features(args.channels, rng)
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {args.threads}, median of {args.repeat}")
+    bench_single_level(f"box  1000x{args.channels}x7x7 P2", 1000, 7, features, rng, args.threads, args.repeat)
+    bench_single_level(f"mask  100x{args.channels}x14x14 P2", 100, 14, features, rng, args.threads, args.repeat)
+    bench_multilevel(1000, features, rng, args.threads, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,596 @@
+"""RoIAlign, RoIPool and their FPN multilevel forms, vectorised over RoIs.
+
+Semantics are torchvision's C++ kernels (``roi_align_kernel.cpp``, ``roi_pool_kernel.cpp``)
+and ``poolers.py`` (``MultiScaleRoIAlign``, ``LevelMapper``), restated in
+``plugins/README.md`` ("The MultilevelRoIAlign contract").
+
+How the vectorisation works: every output bin of every RoI reads a fixed-size set of
+feature cells (RoIAlign: 4 bilinear corners x the sampling grid; RoIPool: the cells of
+the largest window). Their flat indices into a channels-last copy of the feature map
+[N*H*W, C] and their weights are computed as small [K, ...] tensors, one ``index_select``
+gathers the C-vectors, and a batched matmul (avg) or a max reduces them. Gradients come
+from autograd (``index_select`` backward is an ``index_add``). RoIs are processed in
+chunks so the gathered temporary stays under ``_GATHER_BUDGET`` values; with adaptive
+sampling (grid size per RoI) RoIs are sorted by grid size first, so a chunk's padded
+grid (largest grid in the chunk, extra samples masked out) wastes little.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from maskrt.errors import MaskrtError
+
+# Max number of gathered feature values (K_chunk * bins * samples * C) held at once:
+# 8M floats = 32 MiB per chunk, whatever the number of RoIs.
+_GATHER_BUDGET = 1 << 23
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        size = (output_size, output_size)
+    else:
+        size = tuple(int(s) for s in output_size)
+    if len(size) != 2 or min(size) < 1:
+        raise MaskrtError(f"output_size must be an int or (height, width) with values >= 1, got {output_size}")
+    return size  # type: ignore[return-value]
+
+
+def convert_boxes_to_roi_format(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image boxes [L_i,4] -> rois [sum L_i, 5] = (batch_index, x1, y1, x2, y2)."""
+    for b in boxes:
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise MaskrtError(f"each per-image box tensor must be [L,4] xyxy, got {shape}")
+    concat = torch.cat(list(boxes), dim=0)
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
+    return torch.cat([ids, concat], dim=1)
+
+
+def _as_rois(input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+        raise MaskrtError(f"RoI op input must be a feature map Tensor[N,C,H,W], got {shape}")
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise MaskrtError(
+                f"boxes must be Tensor[K,5] (batch_index, x1, y1, x2, y2) or a list of Tensor[L,4], got {tuple(boxes.shape)}"
+            )
+        return boxes
+    return convert_boxes_to_roi_format(boxes)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in float32 for half types (the contract), else in the input's own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
+    """[N,C,H,W] -> [N*H*W, C]: one row per feature cell, so a gather reads contiguous C-vectors."""
+    n, c, h, w = input.shape
+    return input.to(dtype).permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _chunks_by_cost(cost_h: Tensor, cost_w: Tensor, per_unit: int) -> list[tuple[int, int]]:
+    """Split sorted RoIs into [start, stop) chunks whose padded cost fits the gather budget.
+
+    cost_h, cost_w: [K] int64 per-RoI grid sizes (the chunk pads to their running maxima);
+    a chunk costs (RoIs) * max(cost_h) * max(cost_w) * per_unit. The loop runs per chunk.
+    """
+    k = cost_h.shape[0]
+    chunks = []
+    start = 0
+    while start < k:
+        h_max = torch.cummax(cost_h[start:], 0).values.clamp(min=1)
+        w_max = torch.cummax(cost_w[start:], 0).values.clamp(min=1)
+        count = torch.arange(1, k - start + 1, device=cost_h.device)
+        fits = int(((count * h_max * w_max * per_unit) <= _GATHER_BUDGET).sum())
+        stop = start + max(fits, 1)  # cost is non-decreasing in count, so the fitting ones are a prefix
+        chunks.append((start, stop))
+        start = stop
+    return chunks
+
+
+def _axis_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's bilinear rule along one axis.
+
+    coord [...] sample coordinates in feature cells -> (low, high) int64 indices,
+    (w_low, w_high) weights and ``inside`` (False where the sample lies beyond -1 or size:
+    such a sample contributes 0).
+    """
+    inside = (coord >= -1.0) & (coord <= size)
+    # Samples that contribute nothing (outside, or NaN from a 0-sample grid) read cell 0
+    # with weight 0, so no index is ever out of range.
+    coord = torch.where(inside, coord, torch.zeros_like(coord)).clamp(min=0)
+    low = coord.floor()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    coord = torch.where(at_edge, low, coord)
+    high = torch.where(at_edge, low, low + 1)
+    frac = coord - low
+    return low.long(), high.long(), 1.0 - frac, frac, inside
+
+
+class _SamplePlan(NamedTuple):
+    """What one chunk of RoIs reads: for every output bin, 4 bilinear corners per sample."""
+
+    index: Tensor   # [bins, S*4] int64 rows of the channels-last map (corner fastest)
+    weight: Tensor  # [bins, S*4] bilinear weights, 0 for samples outside the map or the RoI's grid
+    real: Tensor    # [bins, S] bool: the sample belongs to the RoI's own grid
+    count: Tensor   # [bins, 1] samples per bin of the RoI's own grid, at least 1 (the avg divisor)
+
+
+def _sample_plan(
+    height: int, width: int, rois: Tensor, pooled: tuple[int, int], spatial_scale: float, aligned: bool,
+    grid_h: Tensor, grid_w: Tensor, grid_h_max: int, grid_w_max: int,
+) -> _SamplePlan:
+    """Sample points of a chunk of RoIs, rois [k,5], with grids padded to (grid_h_max, grid_w_max)."""
+    ph, pw = pooled
+    k = rois.shape[0]
+    dtype, device = rois.dtype, rois.device
+    offset = 0.5 if aligned else 0.0
+    batch = rois[:, 0].long()
+    x_start = rois[:, 1] * spatial_scale - offset
+    y_start = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x_start
+    roi_h = rois[:, 4] * spatial_scale - offset - y_start
+    if not aligned:
+        # Legacy mode forces malformed RoIs to be at least 1x1 cell.
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_h = (roi_h / ph)[:, None, None]
+    bin_w = (roi_w / pw)[:, None, None]
+    gh = grid_h.to(dtype)[:, None, None]
+    gw = grid_w.to(dtype)[:, None, None]
+
+    # Sample coordinates, same arithmetic order as the C++ kernel: y [k, ph, gh_max], x [k, pw, gw_max].
+    iy = torch.arange(grid_h_max, device=device, dtype=dtype)[None, None, :]
+    ix = torch.arange(grid_w_max, device=device, dtype=dtype)[None, None, :]
+    bins_y = torch.arange(ph, device=device, dtype=dtype)[None, :, None]
+    bins_x = torch.arange(pw, device=device, dtype=dtype)[None, :, None]
+    y = y_start[:, None, None] + bins_y * bin_h + (iy + 0.5) * bin_h / gh
+    x = x_start[:, None, None] + bins_x * bin_w + (ix + 0.5) * bin_w / gw
+    y_lo, y_hi, wy_lo, wy_hi, y_in = _axis_taps(y, height)
+    x_lo, x_hi, wx_lo, wx_hi, x_in = _axis_taps(x, width)
+    # Padded-grid samples beyond this RoI's own grid (adaptive sampling) are not samples at all.
+    y_real = (iy < gh).expand(k, ph, grid_h_max)
+    x_real = (ix < gw).expand(k, pw, grid_w_max)
+    y_keep = (y_in & y_real).to(dtype)
+    x_keep = (x_in & x_real).to(dtype)
+
+    # Broadcast to samples [k, ph, pw, gh, gw] and stack the 4 corners on a last axis.
+    def along_y(t: Tensor) -> Tensor:
+        return t[:, :, None, :, None]
+
+    def along_x(t: Tensor) -> Tensor:
+        return t[:, None, :, None, :]
+
+    base = (batch * (height * width))[:, None, None, None, None]
+    row_lo, row_hi = along_y(y_lo * width), along_y(y_hi * width)
+    col_lo, col_hi = along_x(x_lo), along_x(x_hi)
+    index = torch.stack((base + row_lo + col_lo, base + row_lo + col_hi, base + row_hi + col_lo, base + row_hi + col_hi), dim=-1)
+    wy_lo, wy_hi = along_y(wy_lo * y_keep), along_y(wy_hi * y_keep)
+    wx_lo, wx_hi = along_x(wx_lo * x_keep), along_x(wx_hi * x_keep)
+    weight = torch.stack((wy_lo * wx_lo, wy_lo * wx_hi, wy_hi * wx_lo, wy_hi * wx_hi), dim=-1)
+    real = along_y(y_real) & along_x(x_real)
+
+    bins = k * ph * pw
+    samples = grid_h_max * grid_w_max
+    count = (grid_h * grid_w).clamp(min=1).to(dtype)[:, None].expand(k, ph * pw).reshape(bins, 1)
+    return _SamplePlan(
+        index.reshape(bins, samples * 4), weight.reshape(bins, samples * 4), real.reshape(bins, samples), count,
+    )
+
+
+def _sample_plans(
+    height: int, width: int, channels: int, rois: Tensor, pooled: tuple[int, int], spatial_scale: float,
+    sampling_ratio: int, aligned: bool,
+) -> Iterator[tuple[Tensor, _SamplePlan]]:
+    """Chunks of RoIs and their sample plans: yields (positions [k] into rois, plan).
+
+    With adaptive sampling the RoIs are visited sorted by grid size, so each chunk's padded
+    grid is close to every member's own grid.
+    """
+    ph, pw = pooled
+    k = rois.shape[0]
+    if sampling_ratio > 0:
+        grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
+        grid_w = grid_h
+        order = torch.arange(k, device=rois.device)
+    else:
+        # The adaptive grid, from the same roi size arithmetic as the kernel.
+        offset = 0.5 if aligned else 0.0
+        roi_w = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
+        roi_h = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
+        if not aligned:
+            roi_w = roi_w.clamp(min=1.0)
+            roi_h = roi_h.clamp(min=1.0)
+        grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0).long()
+        grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0).long()
+        order = torch.argsort(grid_h * grid_w, stable=True)
+        grid_h, grid_w = grid_h[order], grid_w[order]
+    for start, stop in _chunks_by_cost(grid_h, grid_w, ph * pw * 4 * channels):
+        positions = order[start:stop]
+        g_h, g_w = grid_h[start:stop], grid_w[start:stop]
+        plan = _sample_plan(
+            height, width, rois[positions], pooled, spatial_scale, aligned, g_h, g_w,
+            max(int(g_h.max()), 1), max(int(g_w.max()), 1),
+        )
+        yield positions, plan
+
+
+def _sample_values(rows: Tensor, plan: _SamplePlan) -> Tensor:
+    """Bilinear value of every sample: [bins, S, C]."""
+    bins, taps = plan.index.shape
+    gathered = rows.index_select(0, plan.index.reshape(-1)).view(bins, taps // 4, 4, rows.shape[1])
+    return (gathered * plan.weight.view(bins, taps // 4, 4, 1)).sum(2)
+
+
+def _max_over_samples(values: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """values [bins,S,C] -> (max over the bin's own samples [bins,C] (0 if none), argmax [bins,C])."""
+    values = torch.where(real[:, :, None], values, torch.full_like(values, -math.inf))
+    best, arg = values.max(dim=1)  # first max on ties, in sample order
+    return torch.where(real.any(dim=1, keepdim=True), best, torch.zeros_like(best)), arg
+
+
+def _prepare(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, mode: str) -> tuple[Tensor, tuple[int, int], torch.dtype]:
+    if mode not in ("avg", "max"):
+        raise MaskrtError(f"roi_align mode must be 'avg' or 'max', got {mode!r}")
+    rois = _as_rois(input, boxes)
+    compute = _compute_dtype(input.dtype)
+    return rois.detach().to(compute), _pair(output_size), compute
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+) -> Tensor:
+    """RoIAlign with torchvision's semantics. input [N,C,H,W], boxes [K,5] or list of [L_i,4] -> [K,C,ph,pw].
+
+    ``sampling_ratio <= 0`` = adaptive (ceil(roi_h/ph) x ceil(roi_w/pw) samples per bin).
+    ``mode="max"`` takes the max of the bin's bilinear samples (a sample outside the map is 0).
+    Differentiable w.r.t. ``input`` through autograd (not the boxes, as torchvision);
+    ``roi_align_backward`` is the same gradient computed directly. float16 input is
+    computed in float32 and returned as float16.
+    """
+    rois, (ph, pw), compute = _prepare(input, boxes, output_size, mode)
+    n, channels, height, width = input.shape
+    k = rois.shape[0]
+    if k == 0 or channels == 0:
+        return input.new_zeros((k, channels, ph, pw))
+    rows = _channels_last_rows(input, compute)
+    results, visited = [], []
+    for positions, plan in _sample_plans(height, width, channels, rois, (ph, pw), float(spatial_scale), sampling_ratio, aligned):
+        bins = plan.index.shape[0]
+        if mode == "avg":
+            gathered = rows.index_select(0, plan.index.reshape(-1)).view(bins, -1, channels)
+            pooled = torch.bmm((plan.weight / plan.count)[:, None, :], gathered)[:, 0]
+        else:
+            pooled = _max_over_samples(_sample_values(rows, plan), plan.real)[0]
+        results.append(pooled.view(-1, ph, pw, channels))
+        visited.append(positions)
+    output = torch.cat(results, dim=0) if len(results) > 1 else results[0]
+    positions = torch.cat(visited) if len(visited) > 1 else visited[0]
+    output = output[torch.argsort(positions)]
+    return output.permute(0, 3, 1, 2).contiguous().to(input.dtype)
+
+
+def roi_align_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+) -> Tensor:
+    """Gradient of ``roi_align`` w.r.t. its input, computed without autograd.
+
+    grad_output [K,C,ph,pw], input [N,C,H,W] (its values are read only for mode "max",
+    to find each bin's arg-max sample) -> grad_input [N,C,H,W]. avg spreads each bin's
+    gradient over its samples' 4 corners with the bilinear weights / count; max sends it to
+    the corners of the first arg-max sample.
+    """
+    rois, (ph, pw), compute = _prepare(input, boxes, tuple(grad_output.shape[-2:]), mode)
+    n, channels, height, width = input.shape
+    grad_rows = torch.zeros((n * height * width, channels), dtype=compute, device=input.device)
+    if rois.shape[0] == 0 or channels == 0:
+        return grad_rows.view(n, height, width, channels).permute(0, 3, 1, 2).to(input.dtype)
+    grad_bins_all = grad_output.to(compute).permute(0, 2, 3, 1)  # [K, ph, pw, C]
+    rows = _channels_last_rows(input, compute) if mode == "max" else None
+    for positions, plan in _sample_plans(height, width, channels, rois, (ph, pw), float(spatial_scale), sampling_ratio, aligned):
+        bins, taps = plan.index.shape
+        grad_bins = grad_bins_all[positions].reshape(bins, channels)
+        if mode == "avg":
+            contributions = (plan.weight / plan.count)[:, :, None] * grad_bins[:, None, :]  # [bins, taps, C]
+            grad_rows.index_add_(0, plan.index.reshape(-1), contributions.reshape(bins * taps, channels))
+            continue
+        values = _sample_values(rows, plan)
+        _, arg = _max_over_samples(values, plan.real)  # [bins, C]
+        has_samples = plan.real.any(dim=1, keepdim=True)
+        corners = torch.arange(4, device=input.device)
+        tap = arg[:, :, None] * 4 + corners  # [bins, C, 4]: the arg-max sample's corners
+        index = plan.index.gather(1, tap.reshape(bins, -1)).view(bins, channels, 4)
+        weight = plan.weight.gather(1, tap.reshape(bins, -1)).view(bins, channels, 4)
+        contributions = weight * (grad_bins * has_samples)[:, :, None]
+        channel = torch.arange(channels, device=input.device)[None, :, None]
+        grad_rows.view(-1).index_add_(0, (index * channels + channel).reshape(-1), contributions.reshape(-1))
+    return grad_rows.view(n, height, width, channels).permute(0, 3, 1, 2).contiguous().to(input.dtype)
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's round(): halves go away from zero (torch.round rounds halves to even)."""
+    floor = torch.floor(x)
+    frac = x - floor
+    up = (frac > 0.5) | ((frac == 0.5) & (x > 0))
+    return floor + up.to(x.dtype)
+
+
+def roi_pool(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int | Sequence[int], spatial_scale: float = 1.0) -> Tensor:
+    """RoIPool (Fast R-CNN) with torchvision's semantics. input [N,C,H,W], boxes [K,5] or list -> [K,C,ph,pw].
+
+    The RoI is rounded to cells (C round), bins are floor/ceil cell windows clipped to the
+    map, each bin is the max of its cells, an empty bin is 0. The gradient goes to the first
+    arg-max cell of each bin (row-major), as torchvision.
+    """
+    rois = _as_rois(input, boxes)
+    ph, pw = _pair(output_size)
+    n, channels, height, width = input.shape
+    k = rois.shape[0]
+    if k == 0 or channels == 0:
+        return input.new_zeros((k, channels, ph, pw))
+    compute = _compute_dtype(input.dtype)
+    rows = _channels_last_rows(input, compute)
+    rois = rois.detach().to(compute)
+
+    # Integer RoI in cells and per-bin windows [k, ph] / [k, pw], as the C++ kernel computes them.
+    start_w = _round_half_away(rois[:, 1] * spatial_scale)
+    start_h = _round_half_away(rois[:, 2] * spatial_scale)
+    end_w = _round_half_away(rois[:, 3] * spatial_scale)
+    end_h = _round_half_away(rois[:, 4] * spatial_scale)
+    roi_w = (end_w - start_w + 1).clamp(min=1)
+    roi_h = (end_h - start_h + 1).clamp(min=1)
+    bin_h = roi_h / ph
+    bin_w = roi_w / pw
+    bins_y = torch.arange(ph, device=rois.device, dtype=compute)
+    bins_x = torch.arange(pw, device=rois.device, dtype=compute)
+    h_lo = (torch.floor(bins_y[None] * bin_h[:, None]) + start_h[:, None]).clamp(0, height).long()
+    h_hi = (torch.ceil((bins_y[None] + 1) * bin_h[:, None]) + start_h[:, None]).clamp(0, height).long()
+    w_lo = (torch.floor(bins_x[None] * bin_w[:, None]) + start_w[:, None]).clamp(0, width).long()
+    w_hi = (torch.ceil((bins_x[None] + 1) * bin_w[:, None]) + start_w[:, None]).clamp(0, width).long()
+    win_h = (h_hi - h_lo).clamp(min=0)
+    win_w = (w_hi - w_lo).clamp(min=0)
+    order = torch.argsort(win_h.amax(1) * win_w.amax(1), stable=True)
+    batch = rois[:, 0].long()[order]
+    h_lo, win_h, w_lo, win_w = h_lo[order], win_h[order], w_lo[order], win_w[order]
+
+    results = []
+    for start, stop in _chunks_by_cost(win_h.amax(1), win_w.amax(1), ph * pw * channels):
+        sl = slice(start, stop)
+        wh_max = max(int(win_h[sl].max()), 1)
+        ww_max = max(int(win_w[sl].max()), 1)
+        dy = torch.arange(wh_max, device=rois.device)
+        dx = torch.arange(ww_max, device=rois.device)
+        in_y = dy[None, None, :] < win_h[sl, :, None]  # [kc, ph, wh]
+        in_x = dx[None, None, :] < win_w[sl, :, None]  # [kc, pw, ww]
+        # Clamp padded window positions to a valid cell; they are masked out below.
+        cell_y = (h_lo[sl, :, None] + dy).clamp(max=height - 1)
+        cell_x = (w_lo[sl, :, None] + dx).clamp(max=width - 1)
+        kc = stop - start
+        index = (batch[sl] * (height * width))[:, None, None, None, None] + cell_y[:, :, None, :, None] * width + cell_x[:, None, :, None, :]
+        inside = (in_y[:, :, None, :, None] & in_x[:, None, :, None, :]).reshape(kc * ph * pw, wh_max * ww_max, 1)
+        gathered = rows.index_select(0, index.reshape(-1)).view(kc * ph * pw, wh_max * ww_max, channels)
+        gathered = torch.where(inside, gathered, torch.full_like(gathered, -math.inf))
+        best = gathered.max(dim=1).values  # first max in row-major window order, like the kernel
+        best = torch.where(inside.any(dim=1), best, torch.zeros_like(best))
+        results.append(best.view(kc, ph, pw, channels))
+    output = torch.cat(results, dim=0) if len(results) > 1 else results[0]
+    output = output[torch.argsort(order)]
+    return output.permute(0, 3, 1, 2).contiguous().to(input.dtype)
+
+
+def fpn_level(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0, canonical_level: int = 4) -> Tensor:
+    """FPN level of each box (torchvision's LevelMapper, eq. 1 of the FPN paper). boxes [..., 4] -> int64 [...].
+
+    k = floor(canonical_level + log2(sqrt(area)/canonical_scale) + 1e-6), clamped to
+    [k_min, k_max]; area = max(w,0)*max(h,0), so empty and inverted boxes go to k_min.
+    """
+    if boxes.shape[-1] != 4:
+        raise MaskrtError(f"fpn_level boxes must be [..., 4] xyxy, got {tuple(boxes.shape)}")
+    boxes = boxes.detach()
+    if boxes.dtype not in (torch.float32, torch.float64):
+        boxes = boxes.float()
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + 1e-6)
+    return level.clamp(min=k_min, max=k_max).to(torch.int64)
+
+
+def infer_spatial_scales(feature_shapes: Sequence[Sequence[int]], image_size: Sequence[int]) -> list[float]:
+    """Scale of each feature map relative to the (padded) image: 2**round(log2(H_l / H)).
+
+    feature_shapes: shapes ending in (H_l, W_l); image_size (H, W). Uses heights, as torchvision.
+    """
+    scales = []
+    for shape in feature_shapes:
+        approx = float(shape[-2]) / float(image_size[0])
+        if approx <= 0:
+            raise MaskrtError(f"cannot infer a feature scale from feature shape {tuple(shape)} and image size {tuple(image_size)}")
+        scales.append(2.0 ** round(math.log2(approx)))
+    return scales
+
+
+def _levels_from_scales(spatial_scales: Sequence[float]) -> tuple[int, int]:
+    if len(spatial_scales) == 0:
+        raise MaskrtError("spatial_scales must name at least one feature level")
+    k_min = round(-math.log2(spatial_scales[0]))
+    k_max = round(-math.log2(spatial_scales[-1]))
+    if k_max - k_min + 1 != len(spatial_scales):
+        raise MaskrtError(f"spatial_scales must be consecutive decreasing powers of two (e.g. [0.25, 0.125]), got {list(spatial_scales)}")
+    return k_min, k_max
+
+
+def _multilevel_pool(
+    rois: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float], levels: Tensor, output_size: tuple[int, int], pool,
+) -> Tensor:
+    """rois [K,5], levels [K] (index into features) -> [K,C,ph,pw], each RoI pooled by ``pool`` at its level."""
+    channels = features[0].shape[1]
+    compute = features[0].dtype
+    result = features[0].new_zeros((rois.shape[0], channels) + output_size, dtype=compute)
+    for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
+        idx = torch.where(levels == level)[0]
+        if idx.numel() == 0:
+            continue
+        pooled = pool(feature, rois[idx], output_size, scale)
+        # index_put (not in-place on a leaf): autograd routes each level's gradient back.
+        result = result.index_put((idx,), pooled.to(compute))
+    return result
+
+
+def multi_scale_roi_align(
+    features: Sequence[Tensor],
+    boxes: Sequence[Tensor],
+    image_sizes: Sequence[Sequence[int]],
+    output_size: int | Sequence[int],
+    sampling_ratio: int,
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+    aligned: bool = False,
+) -> Tensor:
+    """torchvision's MultiScaleRoIAlign. features: per level [N,C,H_l,W_l] (finest first),
+    boxes: per image [L_i,4] in image pixels, image_sizes: per image (h, w) -> [sum L_i, C, ph, pw].
+
+    The scales are inferred from the feature heights vs the largest image height; each box
+    pools at its ``fpn_level``.
+    """
+    if len(features) == 0:
+        raise MaskrtError("multi_scale_roi_align needs at least one feature map")
+    if len(image_sizes) == 0:
+        raise MaskrtError("multi_scale_roi_align needs the image sizes")
+    output_size = _pair(output_size)
+    rois = convert_boxes_to_roi_format(boxes)
+    max_h = max(int(s[0]) for s in image_sizes)
+    max_w = max(int(s[1]) for s in image_sizes)
+    scales = infer_spatial_scales([f.shape for f in features], (max_h, max_w))
+
+    def pool(feature: Tensor, level_rois: Tensor, size: tuple[int, int], scale: float) -> Tensor:
+        return roi_align(feature, level_rois, size, scale, sampling_ratio, aligned)
+
+    if len(features) == 1:
+        return pool(features[0], rois, output_size, scales[0])
+    k_min, k_max = _levels_from_scales(scales)
+    levels = fpn_level(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level) - k_min
+    return _multilevel_pool(rois, features, scales, levels, output_size, pool)
+
+
+def _batched_rois(rois: Tensor) -> Tensor:
+    """rois [B,R,4] -> [B*R,5] with the image index prepended."""
+    if rois.dim() != 3 or rois.shape[-1] != 4:
+        raise MaskrtError(f"rois must be Tensor[B,R,4] xyxy, got {tuple(rois.shape)}")
+    b, r, _ = rois.shape
+    batch_index = torch.arange(b, device=rois.device, dtype=rois.dtype).repeat_interleave(r)
+    return torch.cat([batch_index[:, None], rois.reshape(b * r, 4)], dim=1)
+
+
+def _check_features(rois: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float]) -> None:
+    if len(features) != len(spatial_scales):
+        raise MaskrtError(f"got {len(features)} feature maps but {len(spatial_scales)} spatial_scales")
+    for feature in features:
+        if feature.dim() != 4 or feature.shape[0] != rois.shape[0] or feature.shape[1] != features[0].shape[1]:
+            raise MaskrtError(
+                f"feature maps must be [B,C,H_l,W_l] with the rois' B={rois.shape[0]} and one C, got "
+                f"{[tuple(f.shape) for f in features]}"
+            )
+
+
+def multilevel_roi_align_eager(
+    rois: Tensor,
+    features: Sequence[Tensor],
+    spatial_scales: Sequence[float],
+    output_height: int = 7,
+    output_width: int = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+    mode: str = "avg",
+) -> Tensor:
+    """The MultilevelRoIAlign contract in pure PyTorch. rois [B,R,4] (image pixels),
+    features: L maps [B,C,H_l,W_l] -> [B,R,C,output_height,output_width].
+
+    RoI r of image b pools from image b's maps at level fpn_level(...) - k_min.
+    Differentiable w.r.t. the features. (The graph op ``multilevel_roi_align`` wraps this.)
+    """
+    flat = _batched_rois(rois)
+    _check_features(rois, features, spatial_scales)
+    b, r, _ = rois.shape
+    channels = features[0].shape[1]
+    size = _pair((output_height, output_width))
+    k_min, k_max = _levels_from_scales(spatial_scales)
+    levels = fpn_level(rois.reshape(b * r, 4), k_min, k_max, canonical_scale, canonical_level) - k_min
+
+    def pool(feature: Tensor, level_rois: Tensor, out: tuple[int, int], scale: float) -> Tensor:
+        return roi_align(feature, level_rois, out, scale, sampling_ratio, aligned, mode)
+
+    pooled = _multilevel_pool(flat, features, spatial_scales, levels, size, pool)
+    return pooled.view(b, r, channels, *size).to(features[0].dtype)
+
+
+def multilevel_roi_align_backward_eager(
+    grad_output: Tensor,
+    rois: Tensor,
+    features: Sequence[Tensor],
+    spatial_scales: Sequence[float],
+    output_height: int = 7,
+    output_width: int = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+    mode: str = "avg",
+) -> list[Tensor]:
+    """Gradient of ``multilevel_roi_align_eager`` w.r.t. each feature map, without autograd.
+
+    grad_output [B,R,C,oh,ow] -> one [B,C,H_l,W_l] per level (zeros where no RoI pooled).
+    """
+    flat = _batched_rois(rois)
+    _check_features(rois, features, spatial_scales)
+    b, r, _ = rois.shape
+    k_min, k_max = _levels_from_scales(spatial_scales)
+    levels = fpn_level(rois.reshape(b * r, 4), k_min, k_max, canonical_scale, canonical_level) - k_min
+    grad_flat = grad_output.reshape(b * r, features[0].shape[1], output_height, output_width)
+    grads = []
+    for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
+        idx = torch.where(levels == level)[0]
+        if idx.numel() == 0:
+            grads.append(torch.zeros_like(feature))
+            continue
+        grads.append(roi_align_backward(grad_flat[idx], feature, flat[idx], scale, sampling_ratio, aligned, mode))
+    return grads
+
+
+def multilevel_roi_pool(
+    rois: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float], output_size: int | Sequence[int],
+    canonical_scale: float = 224.0, canonical_level: int = 4,
+) -> Tensor:
+    """RoIPool with the multilevel RoIAlign's level rule (for the RoIAlign-vs-RoIPool ablation).
+
+    rois [B,R,4] image pixels, features: L maps [B,C,H_l,W_l] -> [B,R,C,ph,pw].
+    """
+    flat = _batched_rois(rois)
+    _check_features(rois, features, spatial_scales)
+    b, r, _ = rois.shape
+    channels = features[0].shape[1]
+    size = _pair(output_size)
+    k_min, k_max = _levels_from_scales(spatial_scales)
+    levels = fpn_level(rois.reshape(b * r, 4), k_min, k_max, canonical_scale, canonical_level) - k_min
+    pooled = _multilevel_pool(flat, features, spatial_scales, levels, size, roi_pool)
+    return pooled.view(b, r, channels, *size)

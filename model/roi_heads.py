@@ -1,0 +1,293 @@
+"""RoI heads: pooling, the box branch (TwoMLPHead + FastRCNNPredictor) and the mask branch
+(MaskRCNNHeads + MaskRCNNPredictor), fixed-shape inference and torchvision's training losses.
+
+Key names are torchvision's (`box_head.fc6`, `box_predictor.cls_score`, `mask_head.0.0`,
+`mask_predictor.conv5_mask`, `mask_predictor.mask_fcn_logits`).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrt.errors import MaskrtError
+from maskrt.model import ops
+from maskrt.model.fpn import conv_norm_act
+from maskrt.model.matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
+from maskrt.model.rpn import clip_boxes_batched
+
+ROI_OPS = ("align", "pool")
+
+
+class MultiLevelRoIPooler(nn.Module):
+    """Pool RoIs from the FPN level their size selects (torchvision's `MultiScaleRoIAlign`).
+
+    One graph op per call: `ops.multilevel_roi_align` (roi_op="align", average of bilinear
+    samples) or `ops.multilevel_roi_pool` (roi_op="pool", the quantised max of Fast R-CNN, for
+    the RoIAlign-vs-RoIPool ablation). Spatial scales are `2**round(log2(feature/image))` of the
+    padded batch size.
+
+    Shapes: features P2..P5 [B, C, H_l, W_l], rois [B, R, 4] xyxy in padded-input pixels ->
+    [B, R, C, output_size, output_size].
+    """
+
+    def __init__(self, output_size: int, sampling_ratio: int, aligned: bool = False, roi_op: str = "align",
+                 canonical_scale: float = 224.0, canonical_level: int = 4) -> None:
+        super().__init__()
+        if roi_op not in ROI_OPS:
+            raise MaskrtError(f"unknown roi_op {roi_op!r}: choose 'align' or 'pool'")
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.roi_op = roi_op
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(self, features: list[Tensor], rois: Tensor, padded_size: tuple[int, int]) -> Tensor:
+        scales = ops.infer_spatial_scales([tuple(f.shape[-2:]) for f in features], padded_size)
+        if self.roi_op == "pool":
+            return ops.multilevel_roi_pool(rois, features, scales, (self.output_size, self.output_size),
+                                           self.canonical_scale, self.canonical_level)
+        return ops.multilevel_roi_align(rois, features, scales, self.output_size, self.output_size,
+                                        self.sampling_ratio, self.aligned, self.canonical_scale,
+                                        self.canonical_level, "avg")
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
+                f"aligned={self.aligned}, roi_op={self.roi_op!r}")
+
+
+class TwoMLPHead(nn.Module):
+    """fc6 + ReLU, fc7 + ReLU on flattened RoI features. Shapes: [R, C, 7, 7] -> [R, representation_size]."""
+
+    def __init__(self, in_channels: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits [R, K] and class-specific box deltas [R, 4K] from [R, in_channels]."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskRCNNHeads(nn.Sequential):
+    """The mask FCN: a 3x3 conv + ReLU per entry of `layers` (keys `0.0.weight`, `1.0.weight`, ...).
+    Shapes: [R, in_channels, 14, 14] -> [R, layers[-1], 14, 14]."""
+
+    def __init__(self, in_channels: int, layers: Sequence[int], dilation: int = 1) -> None:
+        blocks = []
+        channels = in_channels
+        for width in layers:
+            block = conv_norm_act(channels, width, 3, norm=None, relu=True)
+            block[0].padding = (dilation, dilation)
+            block[0].dilation = (dilation, dilation)
+            blocks.append(block)
+            channels = width
+        super().__init__(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+
+class MaskRCNNPredictor(nn.Sequential):
+    """2x deconvolution + ReLU, then a 1x1 conv to one mask logit map per class.
+    Shapes: [R, in_channels, 14, 14] -> [R, num_classes, 28, 28]."""
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int) -> None:
+        super().__init__(OrderedDict([
+            ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
+        ]))
+        for name, parameter in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(parameter, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.zeros_(parameter)
+
+
+def pad_lists(per_image: list[Tensor], fill: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Stack variable-length [L_i, ...] tensors into [B, max L, ...] + validity bool [B, max L]."""
+    longest = max(1, max(t.shape[0] for t in per_image))
+    padded = per_image[0].new_full((len(per_image), longest, *per_image[0].shape[1:]), fill)
+    valid = torch.zeros(len(per_image), longest, dtype=torch.bool, device=per_image[0].device)
+    for index, tensor in enumerate(per_image):
+        padded[index, :tensor.shape[0]] = tensor
+        valid[index, :tensor.shape[0]] = True
+    return padded, valid
+
+
+class RoIHeads(nn.Module):
+    """Box and mask branches on RPN proposals.
+
+    Inference (`detect`): static shapes [B, P] proposals -> D detections per image.
+    Training (`losses`): torchvision's sampling and the three losses of the heads.
+    """
+
+    def __init__(self, box_roi_pool: MultiLevelRoIPooler, box_head: TwoMLPHead, box_predictor: FastRCNNPredictor,
+                 fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
+                 positive_fraction: float, bbox_reg_weights: Sequence[float] | None, score_thresh: float,
+                 nms_thresh: float, detections_per_img: int, mask_roi_pool: MultiLevelRoIPooler,
+                 mask_head: MaskRCNNHeads, mask_predictor: MaskRCNNPredictor) -> None:
+        super().__init__()
+        self.box_roi_pool = box_roi_pool
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_roi_pool = mask_roi_pool
+        self.mask_head = mask_head
+        self.mask_predictor = mask_predictor
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        weights = tuple(bbox_reg_weights) if bbox_reg_weights is not None else (10.0, 10.0, 5.0, 5.0)
+        self.box_coder = ops.BoxCoder(weights)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    # --- inference ------------------------------------------------------------------------
+
+    def detect(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor,
+               padded_size: tuple[int, int], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """features P2..P5; proposals [B, P, 4] with validity [B, P]; image_sizes [B, 2] (h, w).
+
+        Returns num_dets int32 [B], boxes [B, D, 4], scores [B, D], labels int64 [B, D],
+        masks [B, D, M, M] (the predicted class's probabilities); entries past num_dets are 0.
+        """
+        batch, num_proposals = proposals.shape[:2]
+        box_features = self.box_roi_pool(features, proposals, padded_size)
+        class_logits, box_deltas = self.box_predictor(self.box_head(box_features.flatten(0, 1)))
+        num_classes = class_logits.shape[-1]
+        # Class-specific decode: [B*P, K, 4], then clip each image's boxes to its own size.
+        boxes = self.box_coder.decode_single(box_deltas, proposals.reshape(-1, 4)).reshape(batch, -1, 4)
+        boxes = clip_boxes_batched(boxes, image_sizes).reshape(batch, num_proposals, num_classes, 4)
+        scores = F.softmax(class_logits, -1).reshape(batch, num_proposals, num_classes)
+        labels = torch.arange(num_classes, device=scores.device).expand(batch, num_proposals, num_classes)
+        # Drop the background column, then every (proposal, class) pair is a candidate.
+        boxes = boxes[:, :, 1:].reshape(batch, -1, 4)
+        scores = scores[:, :, 1:].reshape(batch, -1)
+        labels = labels[:, :, 1:].reshape(batch, -1)
+        present = proposal_valid[:, :, None].expand(-1, -1, num_classes - 1).reshape(batch, -1)
+        widths = boxes[..., 2] - boxes[..., 0]
+        heights = boxes[..., 3] - boxes[..., 1]
+        present = present & (widths >= 1e-2) & (heights >= 1e-2)
+        scores = torch.where(present, scores, torch.full_like(scores, float("-inf")))
+        keep = ops.nms_padded(boxes, scores, labels, self.nms_thresh, self.score_thresh, self.detections_per_img)
+        kept = keep >= 0
+        index = keep.clamp(min=0)
+        kept_float = kept.to(boxes.dtype)
+        det_boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4)) * kept_float[..., None]
+        det_scores = torch.gather(scores, 1, index) * kept_float
+        det_labels = torch.gather(labels, 1, index) * kept.to(torch.int64)
+        num_dets = kept.sum(dim=1).to(torch.int32)
+        masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
+        return num_dets, det_boxes, det_scores, det_labels, masks
+
+    def mask_probabilities(self, features: list[Tensor], boxes: Tensor, labels: Tensor,
+                           padded_size: tuple[int, int]) -> Tensor:
+        """boxes [B, D, 4], labels int64 [B, D] -> sigmoid of the label's mask logits [B, D, M, M]."""
+        batch, count = boxes.shape[:2]
+        mask_features = self.mask_roi_pool(features, boxes, padded_size).flatten(0, 1)
+        logits = self.mask_predictor(self.mask_head(mask_features))  # [B*D, K, M, M]
+        chosen = torch.gather(logits, 1, labels.reshape(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:]))
+        return chosen.sigmoid().reshape(batch, count, *logits.shape[-2:])
+
+    # --- training -------------------------------------------------------------------------
+
+    def losses(self, features: list[Tensor], proposals: list[Tensor], padded_size: tuple[int, int],
+               targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """proposals: per image [P_i, 4]; targets: `boxes` [G, 4], `labels` [G] int64,
+        `masks` [G, H, W] in padded-input pixels -> loss_classifier, loss_box_reg, loss_mask."""
+        sampled_proposals, matched_idxs, labels, regression_targets = self._sample(proposals, targets)
+        rois, roi_valid = pad_lists(sampled_proposals)
+        box_features = self.box_roi_pool(features, rois, padded_size)[roi_valid]
+        class_logits, box_deltas = self.box_predictor(self.box_head(box_features))
+        labels_all = torch.cat(labels)
+        loss_classifier = F.cross_entropy(class_logits, labels_all)
+        positive = torch.where(labels_all > 0)[0]
+        deltas_of_gt_class = box_deltas.reshape(box_deltas.shape[0], -1, 4)[positive, labels_all[positive]]
+        loss_box_reg = F.smooth_l1_loss(deltas_of_gt_class, torch.cat(regression_targets)[positive],
+                                        beta=1 / 9, reduction="sum") / labels_all.numel()
+        loss_mask = self._mask_loss(features, sampled_proposals, matched_idxs, labels, padded_size, targets)
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    def _sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Append gt boxes to the proposals, match (0.5/0.5), sample 512 at 25 % positives."""
+        all_proposals, all_matched, all_labels = [], [], []
+        for proposals_in_image, target in zip(proposals, targets):
+            gt_boxes = target["boxes"].to(proposals_in_image.dtype)
+            candidates = torch.cat([proposals_in_image, gt_boxes])
+            if gt_boxes.numel() == 0:
+                matched = torch.zeros(candidates.shape[0], dtype=torch.int64, device=candidates.device)
+                labels = torch.zeros(candidates.shape[0], dtype=torch.int64, device=candidates.device)
+            else:
+                matches = self.proposal_matcher(ops.box_iou(gt_boxes, candidates))
+                matched = matches.clamp(min=0)
+                labels = target["labels"][matched].to(torch.int64)
+                labels[matches == BELOW_LOW_THRESHOLD] = 0
+                labels[matches == BETWEEN_THRESHOLDS] = -1
+            all_proposals.append(candidates)
+            all_matched.append(matched)
+            all_labels.append(labels)
+        positive_masks, negative_masks = self.fg_bg_sampler(all_labels)
+        sampled_proposals, sampled_matched, sampled_labels, regression_targets = [], [], [], []
+        for image, (pos, neg) in enumerate(zip(positive_masks, negative_masks)):
+            chosen = torch.where(pos | neg)[0]
+            boxes = all_proposals[image][chosen]
+            matched = all_matched[image][chosen]
+            gt_boxes = targets[image]["boxes"].to(boxes.dtype)
+            if gt_boxes.numel() == 0:
+                gt_boxes = boxes.new_zeros((1, 4))
+            sampled_proposals.append(boxes)
+            sampled_matched.append(matched)
+            sampled_labels.append(all_labels[image][chosen])
+            regression_targets.append(self.box_coder.encode_single(gt_boxes[matched], boxes))
+        return sampled_proposals, sampled_matched, sampled_labels, regression_targets
+
+    def _mask_loss(self, features: list[Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
+                   labels: list[Tensor], padded_size: tuple[int, int],
+                   targets: list[dict[str, Tensor]]) -> Tensor:
+        """BCE-with-logits of the gt class's 28x28 mask on positive RoIs; targets are the gt
+        masks roi_align'ed into each RoI (torchvision's `project_masks_on_boxes`)."""
+        positive_boxes, positive_classes, mask_targets = [], [], []
+        for image, (boxes, matched, image_labels) in enumerate(zip(proposals, matched_idxs, labels)):
+            positive = torch.where(image_labels > 0)[0]
+            positive_boxes.append(boxes[positive])
+            positive_classes.append(image_labels[positive])
+            gt_masks = targets[image]["masks"]
+            if positive.numel() == 0 or gt_masks.shape[0] == 0:
+                continue
+            rois = torch.cat([matched[positive, None].to(boxes.dtype), boxes[positive]], dim=1)
+            size = self._mask_size()
+            projected = ops.roi_align(gt_masks[:, None].to(rois.dtype), rois, (size, size), 1.0)
+            mask_targets.append(projected[:, 0])
+        rois, roi_valid = pad_lists(positive_boxes)
+        if not mask_targets:
+            # No positive RoI in the batch: a zero loss that still touches the graph.
+            return sum(p.sum() for p in self.mask_predictor.parameters()) * 0.0
+        mask_features = self.mask_roi_pool(features, rois, padded_size)[roi_valid]
+        logits = self.mask_predictor(self.mask_head(mask_features))
+        classes = torch.cat(positive_classes)
+        chosen = logits[torch.arange(classes.shape[0], device=classes.device), classes]
+        return F.binary_cross_entropy_with_logits(chosen, torch.cat(mask_targets))
+
+    def _mask_size(self) -> int:
+        # The predictor doubles the pooled size (2x deconvolution).
+        return 2 * self.mask_roi_pool.output_size

@@ -1,0 +1,203 @@
+"""TensorRT backend: deserialise an engine, run it through cuda-python buffers.
+
+Uses only the API TensorRT 10.3 (JetPack 6) and TensorRT 11 share: named I/O tensors,
+``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``. Works with the full
+``tensorrt`` package or the lean runtime ``tensorrt_lean``. GPU memory goes through
+cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), imported lazily.
+
+Our MultilevelRoIAlign plugin library must be loaded before deserialising: from the
+``plugin`` argument (``--plugin``), else ``$MASKRT_PLUGIN_LIB``, else the default build
+folder ``build/plugins/libmaskrt_plugins.so``. TensorRT's registry returns None *silently*
+when a library cannot be loaded (e.g. it lacks ``getCreators``/``setLoggerFinder``); we
+turn that into a loud error.
+
+The engine's metadata lives beside it: ``X.engine.json`` / ``X.plan.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskrt.errors import MaskrtError
+from maskrt.runtime.backends import OUTPUT_NAMES
+
+PLUGIN_LIBRARY_NAME = "libmaskrt_plugins.so"
+PLUGIN_ENV = "MASKRT_PLUGIN_LIB"
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, else ``tensorrt_lean``, else a one-line MaskrtError."""
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+        return trt
+    except ImportError:
+        pass
+    try:
+        import tensorrt_lean as trt  # type: ignore[import-not-found]
+        return trt
+    except ImportError:
+        raise MaskrtError(
+            "TensorRT is not installed, so a .engine/.plan cannot run here: install TensorRT "
+            "(JetPack ships it; or pip install tensorrt) or run the .onnx with --backend onnxruntime") from None
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime module (new or old layout), else a one-line MaskrtError."""
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        return cudart
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart  # type: ignore[import-not-found]
+        return cudart
+    except ImportError:
+        raise MaskrtError("cuda-python is not installed (needed for TensorRT buffers): pip install cuda-python") from None
+
+
+def find_plugin_library(plugin: str | None = None) -> Path | None:
+    """The plugin library to load: explicit path, $MASKRT_PLUGIN_LIB, then the default build folders."""
+    explicit = plugin or os.environ.get(PLUGIN_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise MaskrtError(f"plugin library not found: {path}")
+        return path
+    repo_root = Path(__file__).resolve().parents[2]
+    for folder in (Path.cwd() / "build" / "plugins", repo_root / "build" / "plugins"):
+        if (folder / PLUGIN_LIBRARY_NAME).is_file():
+            return folder / PLUGIN_LIBRARY_NAME
+    return None
+
+
+def load_plugin_library(trt: Any, path: Path) -> None:
+    """Load our plugin library into TensorRT's registry; raise loudly when TensorRT refuses it."""
+    handle = trt.get_plugin_registry().load_library(str(path))
+    if handle is None:
+        raise MaskrtError(
+            f"TensorRT refused the plugin library {path} (its registry returned None): the library must export "
+            "extern \"C\" getCreators and setLoggerFinder and match this TensorRT; rebuild it with `maskrt plugin build`")
+
+
+def read_sidecar_metadata(path: Path) -> dict[str, str]:
+    """The JSON object in ``<engine>.json`` as a dict of strings."""
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        raise MaskrtError(f"{path} has no maskrt metadata: the sidecar {sidecar.name} is missing (`maskrt build` writes it)")
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise MaskrtError(f"cannot read engine metadata {sidecar}: {err}") from None
+    if not isinstance(data, dict):
+        raise MaskrtError(f"engine metadata {sidecar} must be a JSON object")
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python calls return (err, *values): raise on an error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise MaskrtError(f"CUDA call {what} failed: {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class _DeviceBuffer:
+    """One GPU allocation, grown on demand."""
+
+    def __init__(self, cudart: Any) -> None:
+        self.cudart = cudart
+        self.pointer = 0
+        self.capacity = 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.capacity:
+            self.free()
+            self.pointer = int(_check(self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+            self.capacity = nbytes
+        return self.pointer
+
+    def free(self) -> None:
+        if self.pointer:
+            self.cudart.cudaFree(self.pointer)
+            self.pointer, self.capacity = 0, 0
+
+
+class TensorRTBackend:
+    """Runs a serialised TensorRT engine (``.engine``/``.plan``) on one GPU."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path, device: int = 0, plugin: str | None = None) -> None:
+        self.path = Path(path)
+        # TensorRT first: without it nothing else matters, and that is the message to give.
+        trt = import_tensorrt()
+        self.metadata = read_sidecar_metadata(self.path)
+        cudart = import_cudart()
+        self.trt, self.cudart = trt, cudart
+        _check(cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+        library = find_plugin_library(plugin)
+        if library is not None:
+            load_plugin_library(trt, library)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            hint = (f"plugin library {library} loaded" if library is not None else
+                    f"no plugin library found (give --plugin or ${PLUGIN_ENV})")
+            raise MaskrtError(f"TensorRT could not deserialise {self.path} ({hint}); "
+                              "an engine runs only with the TensorRT version and GPU it was built for")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = "images"
+        missing = [n for n in (self.input_name, *OUTPUT_NAMES) if n not in names]
+        if missing:
+            raise MaskrtError(f"{self.path} lacks the tensors {', '.join(missing)}: not a maskrt Mask R-CNN engine")
+        self.dtypes = {name: self._numpy_dtype(self.engine.get_tensor_dtype(name)) for name in names}
+        batch_dim = int(self.engine.get_tensor_shape(self.input_name)[0])
+        self.fixed_batch: int | None = batch_dim if batch_dim > 0 else None
+        self.buffers = {name: _DeviceBuffer(cudart) for name in names}
+        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+
+    def _numpy_dtype(self, trt_dtype: Any) -> np.dtype:
+        table = {self.trt.DataType.FLOAT: np.float32, self.trt.DataType.HALF: np.float16,
+                 self.trt.DataType.INT32: np.int32, self.trt.DataType.INT8: np.int8,
+                 self.trt.DataType.BOOL: np.bool_}
+        for name, numpy_type in (("INT64", np.int64), ("UINT8", np.uint8)):  # not in every version
+            if hasattr(self.trt.DataType, name):
+                table[getattr(self.trt.DataType, name)] = numpy_type
+        if trt_dtype not in table:
+            raise MaskrtError(f"{self.path}: unsupported tensor type {trt_dtype}")
+        return np.dtype(table[trt_dtype])
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [B,3,H,W] -> the five outputs, copied back to host numpy arrays."""
+        cudart = self.cudart
+        host_input = np.ascontiguousarray(images, dtype=self.dtypes[self.input_name])
+        if not self.context.set_input_shape(self.input_name, tuple(host_input.shape)):
+            raise MaskrtError(f"{self.path} does not accept input shape {tuple(host_input.shape)} (see its profile)")
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        pointer = self.buffers[self.input_name].ensure(host_input.nbytes)
+        _check(cudart.cudaMemcpyAsync(pointer, host_input.ctypes.data, host_input.nbytes, to_device, self.stream),
+               "cudaMemcpyAsync")
+        self.context.set_tensor_address(self.input_name, pointer)
+        outputs: dict[str, np.ndarray] = {}
+        for name in OUTPUT_NAMES:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
+            self.context.set_tensor_address(name, self.buffers[name].ensure(outputs[name].nbytes))
+        if not self.context.execute_async_v3(self.stream):
+            raise MaskrtError(f"TensorRT failed to run {self.path}")
+        for name, host in outputs.items():
+            _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].pointer, host.nbytes, to_host,
+                                          self.stream), "cudaMemcpyAsync")
+        _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return outputs
+
+    def __del__(self) -> None:
+        for buffer in getattr(self, "buffers", {}).values():
+            buffer.free()

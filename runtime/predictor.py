@@ -1,0 +1,135 @@
+"""Predictor: BGR images in, Detections in the same images' pixels out. Never imports torch.
+
+    predictor = Predictor("model.onnx")            # or "model.engine" for TensorRT
+    detections = predictor(cv2.imread("a.jpg"))    # boxes, scores, labels, masks, names
+    many = predictor.batch([image1, image2])
+
+The three stages are public (``preprocess``, ``infer``, ``postprocess``) so that
+``maskrt bench`` can time them apart.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from maskrt.errors import MaskrtError
+from maskrt.runtime.backends import Backend, open_backend
+from maskrt.runtime.metadata import ModelInfo, parse_metadata
+from maskrt.runtime.postprocess import paste_masks, undo_letterbox_boxes
+from maskrt.runtime.preprocess import Letterbox, letterbox_batch
+
+# Default display threshold. Evaluation wants every detection the graph keeps (the graph has
+# already applied the model's own box_score_thresh): pass conf=0.0 there.
+DEFAULT_CONF = 0.5
+
+
+@dataclass
+class Detections:
+    """One image's detections, in that image's pixels.
+
+    boxes float32 [N,4] xyxy; scores float32 [N] (decreasing); labels int64 [N] indexing
+    class_names (0 is background, never returned); masks bool [N,h,w].
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def names(self) -> list[str]:
+        """The class name of each detection."""
+        return [self.class_names[int(label)] for label in self.labels]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(h, w) of the image the masks are pasted in."""
+        return int(self.masks.shape[1]), int(self.masks.shape[2])
+
+
+class Predictor:
+    """A Mask R-CNN exported by maskrt, run by ONNX Runtime or TensorRT.
+
+    model_path: ``.onnx`` or ``.engine``/``.plan`` (with its ``.json`` sidecar).
+    backend: "auto" (by file suffix), "onnxruntime" or "tensorrt". device: GPU index.
+    providers: ONNX Runtime providers (default CUDA when available, else CPU).
+    conf: keep detections with score >= conf (default 0.5; use 0.0 for evaluation).
+    plugin: TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, backend: str = "auto", device: int = 0,
+                 providers: Sequence | None = None, conf: float = DEFAULT_CONF, plugin: str | None = None) -> None:
+        if not 0.0 <= conf <= 1.0:
+            raise MaskrtError(f"conf must be in [0, 1], got {conf}")
+        self.conf = float(conf)
+        self.backend: Backend = open_backend(model_path, backend, device=device, providers=providers, plugin=plugin)
+        self.info: ModelInfo = parse_metadata(self.backend.metadata, str(model_path))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the model input."""
+        return self.info.input_size
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.info.raw
+
+    def __call__(self, bgr: np.ndarray, conf: float | None = None) -> Detections:
+        """One BGR uint8 image [h,w,3] -> its Detections."""
+        return self.batch([bgr], conf=conf)[0]
+
+    def batch(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
+        """Several BGR images (any sizes) -> one Detections each, in order."""
+        inputs, placements = self.preprocess(images)
+        return self.postprocess(self.infer(inputs), placements, conf=conf)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """BGR images -> (float32 [B,3,H,W] letterboxed input, one Letterbox each)."""
+        return letterbox_batch(images, self.info.input_size, self.info.image_mean)
+
+    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on [B,3,H,W]; a fixed-batch graph is fed in chunks, the last one padded."""
+        fixed = self.backend.fixed_batch
+        if fixed is None or inputs.shape[0] == fixed:
+            return self.backend.run(inputs)
+        chunks = []
+        for start in range(0, inputs.shape[0], fixed):
+            chunk = inputs[start:start + fixed]
+            count = chunk.shape[0]
+            if count < fixed:  # pad with copies of the last image; their results are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
+            outputs = self.backend.run(chunk)
+            chunks.append({name: value[:count] for name, value in outputs.items()})
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Letterbox],
+                    conf: float | None = None) -> list[Detections]:
+        """Graph outputs -> Detections per image: keep num_dets and score >= conf, undo the
+        letterbox on the boxes, paste the masks in the original image."""
+        threshold = self.conf if conf is None else float(conf)
+        results = []
+        for i, placed in enumerate(placements):
+            count = int(outputs["num_dets"][i])
+            scores = np.asarray(outputs["scores"][i, :count], dtype=np.float32)
+            keep = np.flatnonzero(scores >= threshold)
+            boxes = undo_letterbox_boxes(np.asarray(outputs["boxes"][i, keep]), placed)
+            masks = paste_masks(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size)
+            results.append(Detections(
+                boxes=boxes,
+                scores=scores[keep],
+                labels=np.asarray(outputs["labels"][i, keep], dtype=np.int64),
+                masks=masks,
+                class_names=self.info.class_names,
+            ))
+        return results

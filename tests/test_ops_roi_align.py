@@ -1,0 +1,380 @@
+"""RoIAlign / RoIPool / multilevel pooling against independent references.
+
+References: the seed-notes worked example, float64 NumPy loops written from the contract
+(plugins/README.md "The MultilevelRoIAlign contract" and torchvision's C++ kernels as
+described there), ONNX Runtime's own RoiAlign, and hand-assembled per-level picks.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from maskrt.errors import MaskrtError
+from maskrt.model.ops import (
+    fpn_level,
+    infer_spatial_scales,
+    multi_scale_roi_align,
+    multilevel_roi_align,
+    multilevel_roi_pool,
+    roi_align,
+    roi_align_backward,
+    roi_pool,
+)
+
+
+# ---------------------------------------------------------------- NumPy references (plain loops)
+def _bilinear_ref(fmap: np.ndarray, y: float, x: float) -> np.ndarray:
+    """fmap [C,H,W] float64; torchvision's bilinear rule, written from the contract."""
+    _, height, width = fmap.shape
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return np.zeros(fmap.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(math.floor(y)), int(math.floor(x))
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    return ((1 - ly) * (1 - lx) * fmap[:, y_low, x_low] + (1 - ly) * lx * fmap[:, y_low, x_high]
+            + ly * (1 - lx) * fmap[:, y_high, x_low] + ly * lx * fmap[:, y_high, x_high])
+
+
+def roi_align_ref(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, scale: float, sampling: int, aligned: bool, mode: str = "avg") -> np.ndarray:
+    """feat [N,C,H,W], rois [K,5] -> [K,C,out_h,out_w], float64, one RoI/bin/sample at a time."""
+    feat = feat.astype(np.float64)
+    out = np.zeros((len(rois), feat.shape[1], out_h, out_w))
+    offset = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.astype(np.float64)):
+        x0, y0 = x1 * scale - offset, y1 * scale - offset
+        roi_w, roi_h = (x2 * scale - offset) - x0, (y2 * scale - offset) - y0
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        grid_h = sampling if sampling > 0 else max(int(math.ceil(roi_h / out_h)), 0)
+        grid_w = sampling if sampling > 0 else max(int(math.ceil(roi_w / out_w)), 0)
+        for ph in range(out_h):
+            for pw in range(out_w):
+                values = []
+                for iy in range(grid_h):
+                    y = y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        values.append(_bilinear_ref(feat[int(b)], y, x))
+                if not values:
+                    continue
+                if mode == "avg":
+                    out[k, :, ph, pw] = np.sum(values, axis=0) / max(grid_h * grid_w, 1)
+                else:
+                    out[k, :, ph, pw] = np.max(values, axis=0)
+    return out
+
+
+def _c_round(v: float) -> int:
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def roi_pool_ref(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, scale: float) -> np.ndarray:
+    """torchvision's RoIPool, written from its description, float64 loops."""
+    _, channels, height, width = feat.shape
+    out = np.zeros((len(rois), channels, out_h, out_w))
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.astype(np.float64)):
+        sw, sh, ew, eh = (_c_round(v * scale) for v in (x1, y1, x2, y2))
+        roi_w, roi_h = max(ew - sw + 1, 1), max(eh - sh + 1, 1)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        for ph in range(out_h):
+            for pw in range(out_w):
+                h0 = min(max(int(math.floor(ph * bin_h)) + sh, 0), height)
+                h1 = min(max(int(math.ceil((ph + 1) * bin_h)) + sh, 0), height)
+                w0 = min(max(int(math.floor(pw * bin_w)) + sw, 0), width)
+                w1 = min(max(int(math.ceil((pw + 1) * bin_w)) + sw, 0), width)
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                out[k, :, ph, pw] = feat[int(b), :, h0:h1, w0:w1].reshape(channels, -1).max(axis=1)
+    return out
+
+
+def _random_rois(rng: np.random.Generator, count: int, batch: int, extent: float) -> np.ndarray:
+    """Random xyxy RoIs in [-0.2*extent, 1.2*extent] (some out of image), plus degenerate ones."""
+    xy = rng.uniform(-0.2 * extent, 1.0 * extent, size=(count, 2))
+    wh = rng.uniform(0.0, 0.6 * extent, size=(count, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    boxes[0] = [3.0, 3.0, 3.0, 3.0]                        # zero-size
+    boxes[1] = [5.0, 4.0, 2.0, 1.0]                        # inverted
+    boxes[2] = [-3 * extent, -3 * extent, -2 * extent, -2 * extent]  # entirely outside
+    boxes[3] = [0.0, 0.0, extent, extent]                  # the whole map
+    batch_index = rng.integers(0, batch, size=(count, 1)).astype(np.float64)
+    return np.concatenate([batch_index, boxes], axis=1)
+
+
+# ---------------------------------------------------------------- RoIAlign
+def test_seed_worked_example():
+    feature = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4)
+    rois = torch.tensor([[0.0, 1.2, 0.8, 2.8, 2.2]])
+    out = roi_align(feature, rois, output_size=2, spatial_scale=1.0, sampling_ratio=1, aligned=False)
+    expected = torch.tensor([[7.2, 8.0], [10.0, 10.8]])
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-5)
+    # The list-of-boxes form is the same RoI.
+    out_list = roi_align(feature, [torch.tensor([[1.2, 0.8, 2.8, 2.2]])], 2, 1.0, 1)
+    torch.testing.assert_close(out_list, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling", [0, 2, 3])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roi_align_matches_numpy_reference(dtype, aligned, sampling, mode):
+    rng = np.random.default_rng(7 + sampling + 10 * aligned)
+    feat = rng.standard_normal((2, 3, 9, 11))
+    rois = _random_rois(rng, 10, batch=2, extent=22.0)
+    scale = 0.5
+    expected = roi_align_ref(feat, rois, 3, 4, scale, sampling, aligned, mode)
+    out = roi_align(torch.tensor(feat, dtype=dtype), torch.tensor(rois, dtype=dtype), (3, 4), scale, sampling, aligned, mode)
+    assert out.dtype == dtype and out.shape == (10, 3, 3, 4)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=tol, atol=tol)
+    # The degenerate/outside RoIs are actually exercised, not trivially zero everywhere.
+    assert np.abs(expected[3]).sum() > 0
+
+
+def test_roi_align_float16_accumulates_in_float32():
+    rng = np.random.default_rng(3)
+    feat = rng.standard_normal((1, 4, 8, 8)).astype(np.float16)
+    rois = _random_rois(rng, 6, batch=1, extent=8.0)
+    expected = roi_align_ref(feat.astype(np.float64), rois.astype(np.float16).astype(np.float64), 2, 2, 1.0, 2, False)
+    out = roi_align(torch.tensor(feat), torch.tensor(rois, dtype=torch.float16), 2, 1.0, 2, False)
+    assert out.dtype == torch.float16
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("aligned,sampling,mode", [(False, 2, "avg"), (True, 0, "avg"), (False, 0, "max")])
+def test_roi_align_gradcheck(aligned, sampling, mode):
+    torch.manual_seed(0)
+    feat = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, 1.1, 0.2, 5.6, 4.4], [1, -1.0, 2.0, 2.5, 6.5]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 2, 1.0, sampling, aligned, mode), (feat,), fast_mode=True)
+
+
+@pytest.mark.parametrize("aligned,sampling,mode", [(False, 2, "avg"), (True, 0, "avg"), (False, 0, "max"), (True, 2, "max")])
+def test_roi_align_backward_equals_autograd(aligned, sampling, mode):
+    rng = np.random.default_rng(13)
+    feat = torch.tensor(rng.standard_normal((2, 3, 9, 11)), requires_grad=True)
+    rois = torch.tensor(_random_rois(rng, 14, batch=2, extent=22.0))
+    out = roi_align(feat, rois, (3, 4), 0.5, sampling, aligned, mode)
+    grad_out = torch.randn_like(out)
+    (autograd_grad,) = torch.autograd.grad(out, feat, grad_out)
+    direct = roi_align_backward(grad_out, feat.detach(), rois, 0.5, sampling, aligned, mode)
+    torch.testing.assert_close(direct, autograd_grad, rtol=1e-12, atol=1e-12)
+    assert direct.abs().sum() > 0
+
+
+def _ort_roi_align(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, scale: float, sampling: int, aligned: bool) -> np.ndarray:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "RoiAlign", ["X", "rois", "batch_indices"], ["Y"], mode="avg", output_height=out_h, output_width=out_w,
+        sampling_ratio=sampling, spatial_scale=scale,
+        coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
+    )
+    graph = helper.make_graph(
+        [node], "roi_align",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("rois", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("batch_indices", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 10  # ORT 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"X": feat.astype(np.float32), "rois": rois[:, 1:].astype(np.float32),
+                              "batch_indices": rois[:, 0].astype(np.int64)})[0]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling", [0, 2])
+def test_roi_align_matches_onnxruntime(aligned, sampling):
+    rng = np.random.default_rng(11)
+    feat = rng.standard_normal((2, 4, 12, 10)).astype(np.float32)
+    rois = _random_rois(rng, 12, batch=2, extent=40.0)
+    rois[1] = [0, 1.0, 2.0, 30.0, 20.0]  # ORT's contract excludes inverted boxes: not compared
+    expected = _ort_roi_align(feat, rois, 5, 4, 0.25, sampling, aligned)
+    out = roi_align(torch.tensor(feat), torch.tensor(rois, dtype=torch.float32), (5, 4), 0.25, sampling, aligned)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roi_align_empty_and_chunked(monkeypatch, mode):
+    torch.manual_seed(0)
+    feat = torch.randn(1, 3, 6, 6)
+    assert roi_align(feat, torch.zeros(0, 5), 7).shape == (0, 3, 7, 7)
+    # Many RoIs with a tiny gather budget: the chunked (sorted, padded-grid) result equals
+    # the one-chunk result, RoI for RoI in the caller's order.
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    rng = np.random.default_rng(5)
+    rois = torch.tensor(_random_rois(rng, 40, batch=1, extent=24.0), dtype=torch.float32)
+    whole = roi_align(feat, rois, 3, 0.25, 0, mode=mode)
+    monkeypatch.setattr(module, "_GATHER_BUDGET", 3 * 3 * 4 * 3 * 5)  # a few RoIs per chunk
+    chunked = roi_align(feat, rois, 3, 0.25, 0, mode=mode)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    expected = roi_align_ref(feat.double().numpy(), rois.double().numpy(), 3, 3, 0.25, 0, False, mode)
+    np.testing.assert_allclose(chunked.double().numpy(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_roi_align_bad_input_is_one_line_error():
+    with pytest.raises(MaskrtError, match="Tensor\\[K,5\\]"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 4), 2)
+    with pytest.raises(MaskrtError, match="mode"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 5), 2, mode="median")
+    with pytest.raises(MaskrtError, match="N,C,H,W"):
+        roi_align(torch.zeros(1, 4, 4), torch.zeros(3, 5), 2)
+
+
+# ---------------------------------------------------------------- RoIPool
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_roi_pool_matches_numpy_reference(scale):
+    rng = np.random.default_rng(2)
+    feat = rng.standard_normal((2, 3, 10, 9))
+    rois = _random_rois(rng, 12, batch=2, extent=9.0 / scale)
+    rois[:, 1:] = np.round(rois[:, 1:] * 8) / 8  # exact in binary: C round() ties are deterministic
+    expected = roi_pool_ref(feat, rois, 3, 2, scale)
+    out = roi_pool(torch.tensor(feat), torch.tensor(rois), (3, 2), scale)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=0)
+    out32 = roi_pool(torch.tensor(feat, dtype=torch.float32), torch.tensor(rois, dtype=torch.float32), (3, 2), scale)
+    np.testing.assert_allclose(out32.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_roi_pool_rounds_half_away_from_zero_and_grads_argmax():
+    feat = torch.arange(36, dtype=torch.float64).view(1, 1, 6, 6).requires_grad_()
+    # x1*scale = 1.5 rounds to 2 (C round), not to 2 by luck: 2.5 -> 3 (torch.round would give 2).
+    rois = torch.tensor([[0.0, 2.5, 0.5, 4.5, 3.0]], dtype=torch.float64)
+    out = roi_pool(feat, rois, 1, 1.0)
+    expected = roi_pool_ref(feat.detach().numpy(), rois.numpy(), 1, 1, 1.0)
+    assert float(out.detach()) == float(expected.squeeze()) == 3 * 6 + 5
+    out.sum().backward()
+    assert feat.grad.sum() == 1 and feat.grad[0, 0, 3, 5] == 1
+
+
+# ---------------------------------------------------------------- levels and multilevel pooling
+def test_fpn_level_seed_examples():
+    boxes = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 448, 448], [0, 0, 2, 3], [0, 0, 4000, 3000],
+                          [10, 10, 10, 50], [5, 5, 1, 1], [0, 0, 111.9, 111.9], [0, 0, 223.9, 224]], dtype=torch.float32)
+    levels = fpn_level(boxes, 2, 5)
+    assert levels.dtype == torch.int64
+    assert levels.tolist() == [4, 3, 5, 2, 5, 2, 2, 2, 3]
+
+
+def test_infer_spatial_scales():
+    shapes = [(1, 256, 200, 336), (1, 256, 100, 168), (1, 256, 50, 84), (1, 256, 25, 42)]
+    assert infer_spatial_scales(shapes, (800, 1344)) == [0.25, 0.125, 0.0625, 0.03125]
+    assert infer_spatial_scales([(13, 21)], (800, 1333)) == [1 / 64]
+
+
+def _fpn_features(batch: int, channels: int, height: int, width: int, dtype=torch.float64) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(batch, channels, height // s, width // s, dtype=dtype) for s in (4, 8, 16, 32)]
+
+
+def _mixed_size_rois(batch: int, per_image: int, seed: int) -> torch.Tensor:
+    """[B,R,4] RoIs whose sizes span all four FPN levels (sqrt area from ~10 to ~600)."""
+    rng = np.random.default_rng(seed)
+    side = np.exp(rng.uniform(np.log(10), np.log(600), size=(batch, per_image, 2)))
+    xy = rng.uniform(0, 256, size=(batch, per_image, 2))
+    return torch.tensor(np.concatenate([xy, xy + side], axis=-1))
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_multilevel_roi_align_equals_per_level_picks(mode):
+    features = _fpn_features(2, 3, 256, 320)
+    rois = _mixed_size_rois(2, 16, seed=4)
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    out = multilevel_roi_align(rois, features, scales, 5, 4, 2, True, 224.0, 4, mode)
+    assert out.shape == (2, 16, 3, 5, 4)
+    levels_used = set()
+    for b in range(2):
+        for r in range(16):
+            x1, y1, x2, y2 = rois[b, r].tolist()
+            level = min(max(math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6), 2), 5)
+            levels_used.add(level)
+            pick = roi_align(features[level - 2], torch.tensor([[float(b), x1, y1, x2, y2]], dtype=torch.float64),
+                             (5, 4), scales[level - 2], 2, True, mode)
+            torch.testing.assert_close(out[b, r], pick[0], rtol=0, atol=1e-12)
+    assert levels_used == {2, 3, 4, 5}
+
+
+def test_multilevel_roi_align_float32_matches_numpy_reference():
+    features = _fpn_features(1, 2, 128, 128, dtype=torch.float32)
+    rois = _mixed_size_rois(1, 6, seed=9).float()
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    out = multilevel_roi_align(rois, features, scales, 3, 3, 0, False)
+    for r in range(6):
+        box = rois[0, r].double().numpy()
+        area = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+        level = min(max(math.floor(4 + math.log2(math.sqrt(area) / 224) + 1e-6), 2), 5)
+        expected = roi_align_ref(features[level - 2].double().numpy(), np.concatenate([[0.0], box])[None], 3, 3, scales[level - 2], 0, False)
+        np.testing.assert_allclose(out[0, r].double().numpy(), expected[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_multilevel_roi_align_gradients_reach_every_level(mode):
+    features = [f.requires_grad_() for f in _fpn_features(2, 2, 256, 320)]
+    rois = _mixed_size_rois(2, 16, seed=4)
+    out = multilevel_roi_align(rois, features, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, 224.0, 4, mode)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    # Reference: the same gradient through the pure-torch per-level path.
+    leaves = [f.detach().clone().requires_grad_() for f in features]
+    from maskrt.model.ops import multilevel_roi_align_eager
+
+    (multilevel_roi_align_eager(rois, leaves, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, 224.0, 4, mode) * weights).sum().backward()
+    for f, leaf in zip(features, leaves):
+        # A level no RoI pooled from: autograd leaves None on the eager path, the op gives zeros.
+        torch.testing.assert_close(f.grad, torch.zeros_like(f) if leaf.grad is None else leaf.grad)
+    assert all(f.grad.abs().sum() > 0 for f in features)
+
+
+def test_multilevel_roi_align_empty_and_errors():
+    features = _fpn_features(2, 2, 64, 64)
+    out = multilevel_roi_align(torch.zeros(2, 0, 4, dtype=torch.float64), features, [0.25, 0.125, 0.0625, 0.03125], 7, 7, 2, False)
+    assert out.shape == (2, 0, 2, 7, 7)
+    with pytest.raises(MaskrtError, match="spatial_scales"):
+        multilevel_roi_align(torch.zeros(2, 3, 4, dtype=torch.float64), features, [0.25, 0.125], 7, 7, 2, False)
+    with pytest.raises(MaskrtError, match="B,R,4"):
+        multilevel_roi_align(torch.zeros(3, 4, dtype=torch.float64), features, [0.25, 0.125, 0.0625, 0.03125], 7, 7, 2, False)
+
+
+def test_multi_scale_roi_align_matches_hand_assembled_levels():
+    features = _fpn_features(2, 3, 192, 256)
+    image_sizes = [(180, 250), (192, 201)]
+    boxes = [torch.tensor([[0, 0, 20, 30], [10, 10, 200, 150], [5, 5, 60, 90.5]], dtype=torch.float64),
+             torch.tensor([[30, 40, 190, 180], [1, 2, 9, 7]], dtype=torch.float64)]
+    out = multi_scale_roi_align(features, boxes, image_sizes, 7, 2)
+    assert out.shape == (5, 3, 7, 7)
+    rows = [(0, b) for b in boxes[0].tolist()] + [(1, b) for b in boxes[1].tolist()]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]  # 48/192, 24/192, ... relative to the largest image height
+    for i, (image, (x1, y1, x2, y2)) in enumerate(rows):
+        level = min(max(math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6), 2), 5)
+        expected = roi_align_ref(features[level - 2].numpy(), np.array([[image, x1, y1, x2, y2]]), 7, 7, scales[level - 2], 2, False)
+        np.testing.assert_allclose(out[i].numpy(), expected[0], rtol=1e-12, atol=1e-12)
+
+
+def test_multilevel_roi_pool_uses_the_level_rule():
+    features = _fpn_features(1, 2, 128, 128)
+    rois = _mixed_size_rois(1, 8, seed=2) * 0.5
+    rois = torch.round(rois * 8) / 8
+    out = multilevel_roi_pool(rois, features, [0.25, 0.125, 0.0625, 0.03125], 2)
+    for r in range(8):
+        x1, y1, x2, y2 = rois[0, r].tolist()
+        level = min(max(math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6), 2), 5)
+        expected = roi_pool_ref(features[level - 2].numpy(), np.array([[0, x1, y1, x2, y2]]), 2, 2, 2.0 ** -level)
+        np.testing.assert_allclose(out[0, r].numpy(), expected[0], rtol=0, atol=0)

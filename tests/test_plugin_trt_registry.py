@@ -1,0 +1,144 @@
+"""The TensorRT plugin library (libmaskrt_plugins.so), without a GPU.
+
+Built by `maskrt plugin build` against the real TensorRT headers ($TENSORRT_INCLUDE_DIR; no
+package carries them, so CI without them skips, saying why), then:
+- maskrt_plugin_check (C++, plugins/multilevel_roi_align/MultilevelRoIAlignPluginCheck.cpp)
+  drives it through TensorRT's interfaces: serialisation round trip, build-phase queries,
+  enqueue's shape checks, refused fields;
+- the real TensorRT lean runtime's plugin registry (pip `tensorrt-lean-cu13`, the `tensorrt`
+  extra) loads it and creates plugins from the fields of plugins/multilevel_roi_align.json.
+$TENSORRT10_INCLUDE_DIR (optional) names TensorRT 10.x headers (JetPack 6 ships 10.3) for the
+same build and check.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskrt.errors import MaskrtError
+from maskrt.plugins import build as plugin_build
+
+REPO = Path(__file__).resolve().parent.parent
+CONTRACT = json.loads((REPO / "plugins" / "multilevel_roi_align.json").read_text())
+
+
+def _skip(reason: str) -> None:
+    print(f"SKIPPED: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
+def _build(include_env: str, tmp_path_factory) -> plugin_build.PluginBuild:
+    include = os.environ.get(include_env)
+    if not include:
+        _skip(f"{include_env} is unset: the TensorRT plugin compiles only against TensorRT's headers, which no "
+              f"package carries (get include/ from github.com/NVIDIA/TensorRT and set {include_env})")
+    try:
+        plugin_build.find_cmake()
+        plugin_build.find_nvcc()
+    except MaskrtError as err:
+        _skip(str(err))
+    return plugin_build.build_plugins(tmp_path_factory.mktemp("plugins"), include, "87")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> plugin_build.PluginBuild:
+    return _build("TENSORRT_INCLUDE_DIR", tmp_path_factory)
+
+
+def _run_check(result: plugin_build.PluginBuild) -> str:
+    checker = result.build_dir / "maskrt_plugin_check"
+    run = subprocess.run([str(checker), str(result.plugin_library)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return run.stdout
+
+
+def test_plugin_library_builds_and_exports_both_entry_points(built):
+    assert built.plugin_library is not None and built.plugin_library.is_file()
+    library = ctypes.CDLL(str(built.plugin_library))
+    assert hasattr(library, "getCreators") and hasattr(library, "setLoggerFinder")
+    version = plugin_build.tensorrt_header_version(built.tensorrt_include)
+    assert version.split(".")[0] in {"10", "11"}, version
+
+
+def test_plugin_passes_the_interface_check(built):
+    output = _run_check(built)
+    passed = [line for line in output.splitlines() if line.startswith("PASS ")]
+    assert "0 failures" in output
+    assert len(passed) >= 40, output
+    for name in ("serialised_fields_equal_creation_fields", "create_runtime_phase_from_serialised",
+                 "configure_dynamic_batch_and_rois", "enqueue_zero_rois_is_noop", "bad_mode_3",
+                 "bad_spatial_scales_6_levels", "bad_output_height_0", "fp16_linear_supported"):
+        assert f"PASS {name}" in passed, name
+
+
+def test_plugin_builds_and_passes_against_tensorrt_10_headers(tmp_path_factory):
+    """JetPack 6 ships TensorRT 10.3: the same sources against those headers."""
+    result = _build("TENSORRT10_INCLUDE_DIR", tmp_path_factory)
+    assert plugin_build.tensorrt_header_version(result.tensorrt_include).startswith("10.")
+    assert "0 failures" in _run_check(result)
+
+
+# ---- the real TensorRT lean runtime's registry ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def creator(built):
+    trt = pytest.importorskip(
+        "tensorrt_lean", reason="tensorrt_lean is not installed (pip install tensorrt-lean-cu13==11.4.0.106, "
+                                "the `tensorrt` extra)")
+    trt.Logger(trt.Logger.WARNING)
+    registry = trt.get_plugin_registry()
+    handle = registry.load_library(str(built.plugin_library))
+    assert handle is not None, "load_library refused the library (are both entry points exported?)"
+    found = registry.get_creator("MultilevelRoIAlign", "1", "maskrt")
+    assert found is not None
+    return trt, found
+
+
+def _fields(trt, **values):
+    fields = []
+    for name, value in values.items():
+        spec = next(a for a in CONTRACT["attributes"] if a["name"] == name)
+        dtype = np.int32 if spec["trt_field_type"] == "INT32" else np.float32
+        fields.append(trt.PluginField(name, np.atleast_1d(np.array(value, dtype)),
+                                      getattr(trt.PluginFieldType, spec["trt_field_type"])))
+    return trt.PluginFieldCollection(fields)
+
+
+def test_registry_creator_fields_are_the_json_contract(creator):
+    trt, found = creator
+    assert (found.name, found.plugin_version, found.plugin_namespace) == ("MultilevelRoIAlign", "1", "maskrt")
+    got = [(f.name, f.type) for f in found.field_names]
+    expected = [(a["name"], getattr(trt.PluginFieldType, a["trt_field_type"])) for a in CONTRACT["attributes"]]
+    assert got == expected
+
+
+@pytest.mark.parametrize("phase", ["BUILD", "RUNTIME"])
+def test_registry_creates_plugins_in_both_phases(creator, phase):
+    trt, found = creator
+    fields = _fields(trt, output_height=14, output_width=14, sampling_ratio=0, aligned=1,
+                     spatial_scales=[0.25, 0.125, 0.0625], canonical_scale=224.0, canonical_level=4, mode=1)
+    plugin = found.create_plugin("mask_pooler", fields, getattr(trt.TensorRTPhase, phase))
+    assert plugin is not None
+    core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+    assert (core.plugin_name, core.plugin_version, core.plugin_namespace) == ("MultilevelRoIAlign", "1", "maskrt")
+    assert found.create_plugin("defaults", trt.PluginFieldCollection([]), getattr(trt.TensorRTPhase, phase)) is not None
+
+
+@pytest.mark.parametrize("bad", [
+    dict(spatial_scales=[0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]),
+    dict(spatial_scales=[0.25, 0.0625]),
+    dict(mode=3),
+    dict(output_height=0),
+    dict(aligned=2),
+    dict(canonical_scale=-1.0),
+])
+def test_registry_refuses_bad_fields(creator, bad):
+    trt, found = creator
+    assert found.create_plugin("bad", _fields(trt, **bad), trt.TensorRTPhase.BUILD) is None

@@ -1,0 +1,206 @@
+"""The TensorRT backend without a GPU: plugin-library lookup and its loud load check (with the
+lean runtime when installed), and the run path (shapes, addresses, copies, dtypes) against a
+fake TensorRT + cuda-python whose "GPU memory" is host memory."""
+from __future__ import annotations
+
+import ctypes
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskrt.errors import MaskrtError
+from maskrt.runtime import Predictor
+from maskrt.runtime.backends import tensorrt as trt_backend
+from test_runtime_fakes import fake_metadata, standard_fake
+
+# --- plugin library --------------------------------------------------------------------------
+
+
+def test_plugin_library_lookup(tmp_path, monkeypatch):
+    monkeypatch.delenv(trt_backend.PLUGIN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trt_backend, "__file__", str(tmp_path / "a" / "b" / "c.py"))  # no repo build/ folder
+    assert trt_backend.find_plugin_library() is None
+    with pytest.raises(MaskrtError, match="plugin library not found"):
+        trt_backend.find_plugin_library(str(tmp_path / "nope.so"))
+    built = tmp_path / "build" / "plugins" / trt_backend.PLUGIN_LIBRARY_NAME
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"\x7fELF")
+    assert trt_backend.find_plugin_library().resolve() == built.resolve()  # the default build folder
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x7fELF")
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(other))
+    assert trt_backend.find_plugin_library() == other  # the environment wins over the build folder
+    assert trt_backend.find_plugin_library(str(built)) == built  # and --plugin over both
+
+
+def test_registry_refusing_a_library_is_a_loud_error():
+    trt = pytest.importorskip("tensorrt_lean")
+    import ctypes.util
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to offer TensorRT")
+    # libm exports neither getCreators nor setLoggerFinder: TensorRT returns None, silently.
+    with pytest.raises(MaskrtError, match="registry returned None"):
+        trt_backend.load_plugin_library(trt, Path(libm))
+
+
+def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace())
+    with pytest.raises(MaskrtError, match="sidecar m.engine.json is missing"):
+        Predictor(engine)
+    (tmp_path / "m.engine.json").write_text("[1, 2]")
+    with pytest.raises(MaskrtError, match="must be a JSON object"):
+        Predictor(engine)
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    monkeypatch.setitem(__import__("sys").modules, "cuda", None)
+    with pytest.raises(MaskrtError, match="cuda-python is not installed"):
+        Predictor(engine)
+
+
+# --- a fake TensorRT + cuda-python ------------------------------------------------------------
+
+class FakeCudart:
+    """cuda-python's calling convention ((err, value) tuples) over host memory."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, ctypes.Array] = {}
+        self.copies: list[int] = []
+
+    def cudaSetDevice(self, device):
+        return (0,)
+
+    def cudaMalloc(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFree(self, pointer):
+        self.blocks.pop(pointer, None)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        device = dst if kind == 1 else src
+        assert device in self.blocks and nbytes <= len(self.blocks[device]), "copy outside an allocation"
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append(kind)
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 1234
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
+    """A fake `tensorrt` module whose engine returns `reference_outputs(images)`."""
+    DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32", INT8="INT8", BOOL="BOOL",
+                                     INT64="INT64")
+    dtypes = {"images": "FLOAT", "num_dets": "INT32", "boxes": "FLOAT", "scores": "FLOAT", "labels": "INT32",
+              "masks": "FLOAT"}
+    numpy_of = {"FLOAT": np.float32, "INT32": np.int32}
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return shape[1:] == (3, 128, 128)
+
+        def get_tensor_shape(self, name):
+            batch = self.shapes["images"][0]
+            return {"num_dets": (batch,), "boxes": (batch, 5, 4), "scores": (batch, 5), "labels": (batch, 5),
+                    "masks": (batch, 5, 28, 28)}[name]
+
+        def set_tensor_address(self, name, pointer):
+            self.addresses[name] = pointer
+
+        def execute_async_v3(self, stream):
+            shape = self.shapes["images"]
+            count = int(np.prod(shape))
+            images = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["images"]))
+            outputs = reference_outputs(images.reshape(shape).copy())
+            for name, value in outputs.items():
+                value = np.ascontiguousarray(value, dtype=numpy_of[dtypes[name]])
+                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+            return True
+
+    class Engine:
+        num_io_tensors = 6
+
+        def get_tensor_name(self, index):
+            return list(dtypes)[index]
+
+        def get_tensor_dtype(self, name):
+            return dtypes[name]
+
+        def get_tensor_shape(self, name):
+            return (-1, 3, 128, 128) if name == "images" else (-1,)
+
+        def create_execution_context(self):
+            return Context()
+
+    class Registry:
+        loaded: list[str] = []
+
+        def load_library(self, path):
+            Registry.loaded.append(path)
+            return object()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine() if data == b"good engine" else None
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    registry = Registry()
+    return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger,
+                                 get_plugin_registry=lambda: registry, registry=registry)
+
+
+def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
+    onnx_model = standard_fake(tmp_path / "m.onnx", box_shift_per_mean=10.0)
+    reference = Predictor(onnx_model, conf=0.0)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_trt, fake_cudart = make_fake_trt(reference.backend.run), FakeCudart()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: fake_cudart)
+
+    predictor = Predictor(engine, conf=0.0, plugin=str(plugin))
+    assert predictor.backend.name == "tensorrt" and fake_trt.registry.loaded == [str(plugin)]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (90, 70, 3), dtype=np.uint8), np.zeros((40, 100, 3), np.uint8)]
+    for ours, theirs in zip(predictor.batch(images), reference.batch(images)):
+        np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
+        assert np.array_equal(ours.labels, theirs.labels) and np.array_equal(ours.masks, theirs.masks)
+    assert fake_cudart.copies.count(1) == 1 and fake_cudart.copies.count(2) == 5  # one in, five out
+    predictor.batch(images[:1])  # a smaller batch reuses the buffers
+    assert len(fake_cudart.blocks) == 6
+
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(b"engine for another TensorRT")
+    (tmp_path / "bad.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    with pytest.raises(MaskrtError, match="could not deserialise"):
+        Predictor(bad, plugin=str(plugin))

@@ -1,0 +1,186 @@
+"""The real-time loop: a generated video with failed and empty frames, a camera that drops and
+is reopened, Ctrl-C that still finalises the saved video, and `maskrt infer` on a file."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from maskrt.cli import main
+from maskrt.runtime import Predictor, draw_detections
+from maskrt.runtime.video import FrameSink, LiveSource, VideoFileSource, run_loop
+from test_runtime_fakes import standard_fake
+
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def fake_model(tmp_path_factory) -> Path:
+    return standard_fake(tmp_path_factory.mktemp("fake") / "fake.onnx")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (80, 64))
+    assert writer.isOpened()
+    for i in range(FRAMES):
+        frame = np.full((64, 80, 3), 20 * i, np.uint8)
+        cv2.putText(frame, str(i), (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+class FlakyCapture:
+    """A cv2.VideoCapture whose reads fail ((False, None)) or come back empty at given indices."""
+
+    def __init__(self, path: Path, failing: set[int], empty: set[int]) -> None:
+        self.capture = cv2.VideoCapture(str(path))
+        self.failing, self.empty = failing, empty
+        self.index = 0
+
+    def read(self):
+        ok, frame = self.capture.read()  # the real frame is consumed either way
+        index, self.index = self.index, self.index + 1
+        if index in self.failing:
+            return False, None
+        if index in self.empty and ok:
+            return True, np.empty((0, 0, 3), np.uint8)
+        return ok, frame
+
+    def get(self, prop):
+        return self.capture.get(prop)
+
+    def isOpened(self):
+        return self.capture.isOpened()
+
+    def release(self):
+        self.capture.release()
+
+
+def _processor(predictor: Predictor):
+    def process(frame):
+        detections = predictor(frame)
+        return draw_detections(frame, detections), f"{len(detections)}"
+    return process
+
+
+def _count_frames(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count
+
+
+def test_video_with_failed_and_empty_frames_runs_to_the_end(tmp_path, fake_model, video):
+    predictor = Predictor(fake_model)
+    source = VideoFileSource(FlakyCapture(video, failing={3, 7}, empty={5}), str(video))
+    out = tmp_path / "out.mp4"
+    stats = run_loop(source, _processor(predictor), sink=FrameSink(str(out), fps=10.0))
+    assert (stats.frames, stats.dropped) == (FRAMES - 3, 3)
+    assert len(stats.latencies_ms) == FRAMES - 3 and stats.fps > 0
+    summary = stats.summary()
+    assert summary.startswith(f"frames {FRAMES - 3}, dropped 3, skipped 0, latency p50 ")
+    assert _count_frames(out) == FRAMES - 3  # the mp4 was finalised and is readable
+
+
+def test_max_frames_and_ctrl_c_finalise_the_video(tmp_path, fake_model, video):
+    predictor = Predictor(fake_model)
+    stats = run_loop(VideoFileSource(cv2.VideoCapture(str(video)), "clip"), _processor(predictor), max_frames=4)
+    assert stats.frames == 4 and not stats.interrupted
+
+    calls = []
+
+    def interrupted_on_fifth(frame):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return frame.copy(), ""
+
+    out = tmp_path / "stopped.avi"
+    stats = run_loop(VideoFileSource(cv2.VideoCapture(str(video)), "clip"), interrupted_on_fifth,
+                     sink=FrameSink(str(out), fps=10.0))
+    assert stats.interrupted and stats.frames == 4
+    assert "stopped by Ctrl-C" in stats.summary()
+    assert _count_frames(out) == 4
+
+
+class DroppingCamera:
+    """A fake camera: each opened instance gives `good` frames, then fails forever (the cable
+    was pulled); the next instance (a reopen) works again. Records every open."""
+
+    opens: list[float] = []
+
+    def __init__(self, good: int = 3) -> None:
+        DroppingCamera.opens.append(time.monotonic())
+        self.good = good
+        self.reads = 0
+
+    def read(self):
+        time.sleep(0.002)
+        self.reads += 1
+        if self.reads <= self.good:
+            return True, np.full((32, 40, 3), len(DroppingCamera.opens) * 10, np.uint8)
+        return False, None
+
+    def get(self, prop):
+        return 0.0
+
+    def isOpened(self):
+        return True
+
+    def release(self):
+        pass
+
+
+def test_camera_that_drops_is_reopened_with_backoff():
+    DroppingCamera.opens = []
+    source = LiveSource(DroppingCamera, "fake camera", failures_before_reopen=2, backoff_s=0.02,
+                        max_backoff_s=0.08, give_up_s=5.0)
+    seen = []
+    stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=7,
+                     on_frame=lambda name, text: seen.append(name))
+    assert stats.frames == 7
+    assert stats.reopens >= 2 and len(DroppingCamera.opens) == stats.reopens + 1
+    assert stats.dropped >= 2 * stats.reopens  # failed reads before each reopen are counted
+    assert "reopened" in stats.summary()
+    gaps = np.diff(DroppingCamera.opens)
+    assert gaps[0] >= 0.02 - 1e-3  # waited for the back-off before reopening
+    assert not source._thread.is_alive()  # the capture thread stopped with the loop
+
+
+def test_live_source_keeps_only_the_newest_frame():
+    class FastCamera(DroppingCamera):
+        def __init__(self):
+            super().__init__(good=10**9)
+
+    DroppingCamera.opens = []
+    source = LiveSource(FastCamera, "fast camera", give_up_s=5.0)
+    slow = threading.Event()
+
+    def slow_process(frame):
+        slow.wait(0.05)  # slower than the camera: frames in between must be skipped, not queued
+        return frame, ""
+
+    stats = run_loop(source, slow_process, max_frames=3)
+    assert stats.frames == 3 and stats.skipped > 0 and stats.dropped == 0
+
+
+def test_infer_cli_on_a_video_file(tmp_path, fake_model, video, capsys):
+    out = tmp_path / "overlay.mp4"
+    assert main(["infer", "--model", str(fake_model), "--source", str(video), "--save", str(out),
+                 "--max-frames", "5", "--conf", "0.2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("frames 5, dropped 0, skipped 0, latency p50")
+    assert lines[1] == f"saved 5 frames to {out}"
+    capture = cv2.VideoCapture(str(out))
+    ok, first = capture.read()
+    capture.release()
+    assert ok and first.shape == (64, 80, 3)

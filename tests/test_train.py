@@ -1,0 +1,165 @@
+"""Training: the schedule, a short smoke run whose loss falls, checkpoints, exact resume,
+and the CLI verbs around it (train, eval, predict, ablate) on a tiny model."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from maskrt.errors import MaskrtError
+from maskrt.train.synthetic import write_dataset
+from maskrt.train.trainer import (METRICS, STATE_JSON, STATE_TENSORS, WEIGHTS, TrainConfig, epoch_order, lr_at,
+                                  train)
+
+# A tiny edge model: 96 px, narrow backbone and heads, few proposals. Fast on 2 cores.
+TINY = {
+    "min_size": 96, "max_size": 96, "backbone_width": 8, "fpn_channels": 16,
+    "representation_size": 32, "mask_layers": [16, 16], "mask_dim_reduced": 16,
+    "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+    "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32, "box_detections_per_img": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinydata")
+    write_dataset(root, train=8, val=3, size=96, seed=2)
+    return root
+
+
+def tiny_config(data, out, **kwargs) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), preset="edge", batch_size=2, lr=0.01, progress=False,
+                model_overrides=dict(TINY), log_every=1)
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_final_factor():
+    config = TrainConfig(data="d", out="o", epochs=1, lr=0.1, warmup_fraction=0.1, warmup_start_factor=0.01,
+                         final_lr_factor=0.05)
+    assert lr_at(0.0, config) == pytest.approx(0.001)
+    assert lr_at(0.05, config) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert lr_at(0.1, config) == pytest.approx(0.1)
+    # Cosine: half-way through the decay it is the mean of the peak and the floor.
+    assert lr_at(0.55, config) == pytest.approx((0.1 + 0.005) / 2)
+    assert lr_at(1.0, config) == pytest.approx(0.005)
+    values = [lr_at(f, config) for f in np.linspace(0.1, 1.0, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    step = TrainConfig(data="d", out="o", minutes=1, lr=0.1, schedule="step", warmup_fraction=0.0)
+    assert [lr_at(f, step) for f in (0.5, 0.75, 0.95)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_config_rejects_bad_budgets():
+    with pytest.raises(MaskrtError, match="budget"):
+        TrainConfig(data="d", out="o")
+    with pytest.raises(MaskrtError, match="positive"):
+        TrainConfig(data="d", out="o", minutes=0)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b, c = epoch_order(1, 0, 10), epoch_order(1, 0, 10), epoch_order(1, 1, 10)
+    assert sorted(a.tolist()) == list(range(10))
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+@pytest.mark.slow
+def test_smoke_run_loss_falls_and_checkpoints_load(tiny_data, tmp_path):
+    from maskrt.model import load_model
+
+    torch.set_num_threads(2)
+    config = tiny_config(tiny_data, tmp_path / "run", epochs=10, lr=0.02, checkpoint_every=15,
+                         augment=False, warmup_fraction=0.1)
+    summary = train(config)
+    assert summary["step"] == 40  # 10 epochs x 8 images / batch 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = np.mean([r["loss"] for r in rows[:5]])
+    last = np.mean([r["loss"] for r in rows[-5:]])
+    assert last < 0.7 * first, (first, last)
+    state = json.loads((tmp_path / "run" / STATE_JSON).read_text())
+    assert state["step"] == 40 and state["epoch"] == 10 and state["position"] == 0
+    assert state["lr"] == pytest.approx(lr_at(39 / 40, config))
+    assert (tmp_path / "run" / STATE_TENSORS).is_file()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    model = load_model(tmp_path / "run" / WEIGHTS)
+    assert model.class_names[1:] == ["disc", "triangle", "rectangle", "l_shape", "ring", "star"]
+    assert list(model.category_ids) == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
+    from maskrt.model import load_model
+
+    torch.set_num_threads(1)  # one thread: reductions in a fixed order
+    steps = dict(epochs=2.5, checkpoint_every=3)  # 10 steps, epoch boundary crossed after the stop
+    whole = train(tiny_config(tiny_data, tmp_path / "whole", **steps))
+    first = train(tiny_config(tiny_data, tmp_path / "parts", **steps), stop_after_steps=5)
+    assert first["step"] == 5
+    resumed = train(tiny_config(tiny_data, tmp_path / "parts", resume=True, **steps))
+    torch.set_num_threads(2)
+    assert whole["step"] == resumed["step"] == 10
+    a = load_model(tmp_path / "whole" / WEIGHTS).state_dict()
+    b = load_model(tmp_path / "parts" / WEIGHTS).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # ... and the training moved the weights at all (the comparison is not vacuous).
+    fresh = train(tiny_config(tiny_data, tmp_path / "short", epochs=0.25, checkpoint_every=3))
+    assert fresh["step"] == 1
+    c = load_model(tmp_path / "short" / WEIGHTS).state_dict()
+    assert any(not torch.allclose(a[k], c[k]) for k in a if a[k].is_floating_point())
+    whole_state = json.loads((tmp_path / "whole" / STATE_JSON).read_text())
+    parts_state = json.loads((tmp_path / "parts" / STATE_JSON).read_text())
+    for key in ("step", "epoch", "position", "lr"):
+        assert whole_state[key] == parts_state[key]
+
+
+def test_resume_without_checkpoint_is_a_one_line_error(tiny_data, tmp_path):
+    with pytest.raises(MaskrtError, match="no checkpoint") as info:
+        train(tiny_config(tiny_data, tmp_path / "empty", epochs=1, resume=True))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_cli_train_eval_predict(tiny_data, tmp_path, capsys, monkeypatch):
+    """The verbs end to end on the real edge preset (256 px), two steps: files and formats."""
+    from maskrt.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(tiny_data), "--epochs", "0.5", "--batch-size", "2", "--out", str(out),
+                 "--no-progress", "--checkpoint-every", "1"]) == 0
+    assert json.loads((out / STATE_JSON).read_text())["step"] == 2
+    assert main(["eval", "--weights", str(out / WEIGHTS), "--data", str(tiny_data), "--out",
+                 str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert set(metrics) >= {"bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75"}
+    assert all(-1.0 <= v <= 1.0 for v in metrics.values())
+    images = sorted((tiny_data / "val").iterdir())
+    assert main(["predict", "--weights", str(out / WEIGHTS), str(images[0]), str(images[1]), "--out",
+                 str(tmp_path / "pred"), "--conf", "0.0"]) == 0
+    assert (tmp_path / "pred" / f"{images[0].stem}.png").is_file()
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    assert all(set(r) >= {"image_id", "category_id", "bbox", "score", "segmentation"} for r in results)
+    capsys.readouterr()
+    assert main(["predict", "--weights", str(out / WEIGHTS), str(tmp_path / "nope.jpg"), "--out",
+                 str(tmp_path / "p2")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nope"), "--epochs", "1", "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_ablation_writes_a_table_for_both_ops(tiny_data, tmp_path):
+    from maskrt.train.ablation import run_ablation
+
+    report = run_ablation(str(tiny_data), minutes=0, out=tmp_path / "abl", epochs=0.5, progress=False,
+                          model_overrides=TINY)
+    text = report.read_text()
+    assert "| align |" in text and "| pool |" in text and "mask AP75" in text
+    rows = json.loads((tmp_path / "abl" / "report.json").read_text())["rows"]
+    assert rows["align"]["steps"] == rows["pool"]["steps"] == 1
+    assert not math.isnan(rows["pool"]["metrics"]["segm/AP"])
