@@ -176,6 +176,18 @@ def export_fp32(model: torch.nn.Module, input_size: tuple[int, int], target: str
     return check_graph(model_proto)
 
 
+def _custom_value_info(model_proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """value_info of the outputs of non-ONNX-domain nodes (the plugin node)."""
+    outputs = {out for n in model_proto.graph.node if n.domain not in ("", "ai.onnx") for out in n.output}
+    return [v for v in model_proto.graph.value_info if v.name in outputs]
+
+
+def _restore_custom_value_info(model_proto: onnx.ModelProto, saved: list[onnx.ValueInfoProto]) -> None:
+    present = {v.name for v in model_proto.graph.value_info}
+    produced = {out for n in model_proto.graph.node for out in n.output}
+    model_proto.graph.value_info.extend(v for v in saved if v.name not in present and v.name in produced)
+
+
 def _quiet_exporter_logs() -> None:
     """The exporter logs torchvision-missing warnings and progress lines: not the user's concern."""
     for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
@@ -208,6 +220,8 @@ def export_onnx(model: torch.nn.Module, out_path: str | Path, input_size: Sequen
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model_proto = export_fp32(model, (height, width), target, batch)
     metadata = model_metadata(model, (height, width), target, precision)
+    # The plugin node's output type/shape cannot be inferred: keep it across the passes.
+    custom_value_info = _custom_value_info(model_proto)
     if precision != "fp32":
         if precision == "fp16":
             model_proto = to_fp16(model_proto)
@@ -215,6 +229,7 @@ def export_onnx(model: torch.nn.Module, out_path: str | Path, input_size: Sequen
             model_proto = to_int8(model_proto, calib_dir, (height, width),
                                                    json.loads(metadata["image_mean"]), target=target)
         model_proto.ir_version = IR_VERSION
+        _restore_custom_value_info(model_proto, custom_value_info)
         model_proto = check_graph(model_proto)
     strip_node_metadata(model_proto)
     set_metadata(model_proto, metadata)

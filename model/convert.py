@@ -379,8 +379,12 @@ def _prepend_zero_class(tensor: Tensor, per_class: int) -> Tensor:
     return torch.cat([tensor.new_zeros((per_class, *tensor.shape[1:])), tensor], dim=0)
 
 
-def _d2_rules(num_real_classes: int, flip_stem_channels: bool) -> list[tuple[re.Pattern[str], Callable[[re.Match[str]], str], Callable[[Tensor], Tensor] | None]]:
-    """(detectron2 key pattern, our key, value transform) for Mask R-CNN R50-FPN."""
+# (detectron2 key pattern, our key from the match, value transform or None)
+_Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str], Callable[[Tensor], Tensor] | None]
+
+
+def _d2_rules(num_real_classes: int, flip_stem_channels: bool) -> list[_Rule]:
+    """The name and layout rules of a detectron2 Mask R-CNN R50-FPN state dict."""
     def class_specific(per_class: int) -> Callable[[Tensor], Tensor]:
         def transform(tensor: Tensor) -> Tensor:
             if tensor.shape[0] == per_class and num_real_classes > 1:
@@ -506,8 +510,11 @@ def from_detectron2(path: str | Path, input_format: Literal["BGR", "RGB"] = "BGR
     std = _pixel_stat_rgb01(source.pop("pixel_std", torch.tensor(DETECTRON2_PIXEL_STD_BGR)),
                             "pixel_std", input_format)
 
-    _check_cell_anchors(source, [list(level) for level in overrides.get("anchor_sizes", [[32], [64], [128], [256], [512]])],
-                        [list(level) for level in overrides.get("aspect_ratios", [[0.5, 1.0, 2.0]])], path)
+    # Old files saved the RPN's cell anchors: they must be the anchors the model will use.
+    anchor_sizes = overrides.get("anchor_sizes", [[32], [64], [128], [256], [512]])
+    aspect_ratios = overrides.get("aspect_ratios", [[0.5, 1.0, 2.0]])
+    _check_cell_anchors(source, [list(level) for level in anchor_sizes],
+                        [list(level) for level in aspect_ratios], path)
     rules = _d2_rules(num_real_classes, flip_stem_channels=input_format == "BGR")
     ours: dict[str, Tensor] = {}
     source_names: dict[str, str] = {}

@@ -53,7 +53,7 @@ class FeaturePyramidNetwork(nn.Module):
         self.inner_blocks = nn.ModuleList(conv_norm_act(c, out_channels, 1, norm) for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(conv_norm_act(out_channels, out_channels, 3, norm)
                                           for _ in in_channels_list)
-        self.extra_block = LastLevelMaxPool()
+        self.extra_blocks = LastLevelMaxPool()
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 # torchvision's FPN init: kaiming_uniform with a=1, zero bias.
@@ -70,7 +70,7 @@ class FeaturePyramidNetwork(nn.Module):
             top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
             last_inner = lateral + top_down
             results.insert(0, self.layer_blocks[index](last_inner))
-        results.append(self.extra_block(results[-1]))
+        results.append(self.extra_blocks(results[-1]))
         return results
 
 

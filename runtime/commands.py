@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,15 +16,15 @@ import numpy as np
 
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import draw_detections
-from maskrt.runtime.predictor import Predictor
-from maskrt.runtime.video import FrameSink, check_display, open_source, run_loop
+from maskrt.runtime.predictor import Detections, Predictor
+from maskrt.runtime.video import FrameSink, ImageSource, VideoFileSource, check_display, open_source, run_loop
 
 
 def _predictor_from_args(args: argparse.Namespace, conf: float) -> Predictor:
     return Predictor(args.model, backend=args.backend, conf=conf, plugin=getattr(args, "plugin", None))
 
 
-def describe(detections) -> str:
+def describe(detections: Detections) -> str:
     """'3 detections: circle 0.97, square 0.88, ...' for a console line."""
     parts = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores.tolist())]
     return f"{len(parts)} detections" + (": " + ", ".join(parts[:8]) if parts else "") + (" ..." if len(parts) > 8 else "")
@@ -42,10 +41,8 @@ def infer_command(args: argparse.Namespace) -> int:
     sink = None
     try:
         if args.save:
-            fps = 30.0
-            capture = getattr(source, "capture", None)
-            if capture is not None:
-                fps = float(capture.get(cv2.CAP_PROP_FPS) or 30.0)
+            # A saved video plays at the file's own rate; live sources at a nominal 30 FPS.
+            fps = float(source.capture.get(cv2.CAP_PROP_FPS) or 30.0) if isinstance(source, VideoFileSource) else 30.0
             sink = FrameSink(args.save, fps=fps)
     except BaseException:
         source.close()
@@ -55,10 +52,11 @@ def infer_command(args: argparse.Namespace) -> int:
         detections = predictor(frame)
         return draw_detections(frame, detections), describe(detections)
 
-    # Per-frame lines for stills only; a video prints just its summary.
-    on_frame: Callable[[str, str], None] | None = None
-    if not source.live and not hasattr(source, "capture"):
-        on_frame = lambda name, text: print(f"{name}: {text}")  # noqa: E731
+    def print_still(name: str, text: str) -> None:
+        print(f"{name}: {text}")
+
+    # Per-image lines for stills only; a video or camera prints just its summary.
+    on_frame: Callable[[str, str], None] | None = print_still if isinstance(source, ImageSource) else None
     stats = run_loop(source, process, sink=sink, show=args.show, max_frames=args.max_frames, on_frame=on_frame)
     print(stats.summary())
     if args.save:
@@ -166,5 +164,5 @@ def bench_command(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         except OSError as err:
             raise MaskrtError(f"cannot write {args.json}: {err.strerror}") from None
-        print(f"  figures written to {args.json}", file=sys.stderr)
+        print(f"  figures written to {args.json}")
     return 0

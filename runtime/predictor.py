@@ -99,15 +99,17 @@ class Predictor:
         return letterbox_batch(images, self.info.input_size, self.info.image_mean)
 
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the graph on [B,3,H,W]; a fixed-batch graph is fed in chunks, the last one padded."""
-        fixed = self.backend.fixed_batch
-        if fixed is None or inputs.shape[0] == fixed:
+        """Run the graph on [B,3,H,W]. A fixed-batch graph is fed in chunks of its batch, the
+        last one padded; a dynamic one in chunks of its largest accepted batch, if it has one."""
+        fixed, largest = self.backend.fixed_batch, self.backend.max_batch
+        step = fixed or largest
+        if step is None or inputs.shape[0] == fixed or (fixed is None and inputs.shape[0] <= step):
             return self.backend.run(inputs)
         chunks = []
-        for start in range(0, inputs.shape[0], fixed):
-            chunk = inputs[start:start + fixed]
+        for start in range(0, inputs.shape[0], step):
+            chunk = inputs[start:start + step]
             count = chunk.shape[0]
-            if count < fixed:  # pad with copies of the last image; their results are dropped
+            if fixed is not None and count < fixed:  # pad with copies of the last image; results dropped
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
             outputs = self.backend.run(chunk)
             chunks.append({name: value[:count] for name, value in outputs.items()})

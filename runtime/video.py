@@ -1,9 +1,9 @@
 """Frame sources, sinks and the real-time loop behind ``maskrt infer``.
 
 Sources yield good BGR frames and count the bad ones themselves (``dropped``):
-- live (camera index, /dev/videoN, rtsp://, http://): captured in their own thread that keeps
-  only the newest frame (``skipped`` counts the ones overwritten before use), and reopens a
-  camera that drops, with exponential back-off;
+- live (camera index, /dev/videoN, rtsp://, http://, a GStreamer pipeline): captured in their
+  own thread that keeps only the newest frame (``skipped`` counts the ones overwritten before
+  use), and reopens a camera that drops, with exponential back-off;
 - a video file: read in order; a frame that fails to decode or comes back empty is counted
   and skipped, the file ends at its frame count or after many failures in a row;
 - an image or a folder of images: an image that cannot be decoded is counted and skipped
@@ -34,7 +34,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 @contextlib.contextmanager
-def quiet_opencv():
+def quiet_opencv() -> Iterator[None]:
     """Silence OpenCV's warnings ("can't open camera by index") while probing a source."""
     logging = getattr(getattr(cv2, "utils", None), "logging", None)
     if logging is None:
@@ -48,10 +48,10 @@ def quiet_opencv():
         logging.setLogLevel(previous)
 
 
-def open_capture(target: int | str) -> cv2.VideoCapture:
-    """cv2.VideoCapture(target) without OpenCV's warnings on failure."""
+def open_capture(target: int | str, api: int = cv2.CAP_ANY) -> cv2.VideoCapture:
+    """cv2.VideoCapture(target, api) without OpenCV's warnings on failure."""
     with quiet_opencv():
-        return cv2.VideoCapture(target)
+        return cv2.VideoCapture(target, api)
 
 
 def is_good_frame(frame: Any) -> bool:
@@ -69,6 +69,8 @@ class Capture(Protocol):
 
 
 class FrameSource(Protocol):
+    """Where frames come from; ``dropped`` counts bad frames, ``skipped`` unused live frames."""
+
     name: str
     live: bool
     dropped: int
@@ -226,12 +228,14 @@ class LiveSource:
 
 
 def open_source(spec: str) -> FrameSource:
-    """'0' | '/dev/videoN' | 'rtsp://...' | video file | image | folder -> a FrameSource."""
+    """'0' | '/dev/videoN' | 'rtsp://...' | 'src ! ... ! appsink' | video file | image | folder -> a FrameSource."""
     if spec.isdigit() or spec.startswith("/dev/video"):
         target: int | str = int(spec) if spec.isdigit() else spec
         return LiveSource(lambda: open_capture(target), f"camera {spec}")
     if spec.lower().startswith(STREAM_PREFIXES):
         return LiveSource(lambda: open_capture(spec), spec)
+    if " ! " in spec:  # a GStreamer pipeline ending in appsink (Jetson CSI cameras: nvarguscamerasrc)
+        return LiveSource(lambda: open_capture(spec, cv2.CAP_GSTREAMER), "GStreamer pipeline")
     path = Path(spec)
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from maskrt.errors import MaskrtError
-from maskrt.model.convert import (coco80_category_ids, coco91_class_names, from_detectron2,
-                                  from_torchvision, load_detectron2_pickle, read_torchvision_state_dict)
+from maskrt.model.convert import (coco80_category_ids, coco80_class_names, coco91_class_names,
+                                  from_detectron2, from_torchvision, load_detectron2_pickle,
+                                  read_torchvision_state_dict)
 from maskrt.model.presets import build_model
 
 torch.set_num_threads(1)
@@ -93,15 +94,15 @@ def detectron2_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for key, shape in detectron2_shapes().items():
         if key.endswith("running_var"):
-            value = rng.uniform(0.5, 1.5, shape)
+            value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
         elif key.endswith("norm.weight"):
-            value = rng.uniform(0.2, 0.6, shape)
+            value = rng.uniform(0.2, 0.6, shape).astype(np.float32)
         elif len(shape) > 1:
             fan_in = int(np.prod(shape[1:])) if "deconv" not in key else shape[0]
-            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in))
         else:
-            value = rng.normal(0.0, 0.05, shape)
-        arrays[key] = value.astype(np.float32)
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
+        arrays[key] = value
     arrays["roi_heads.box_predictor.cls_score.bias"][DOG] = 25.0
     return arrays
 
@@ -117,8 +118,9 @@ def d2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
         model_dict[f"proposal_generator.anchor_generator.cell_anchors.{level}"] = D2_CELL_ANCHORS_32 * 2**level
     path = tmp_path_factory.mktemp("d2") / "model_final.pkl"
     with path.open("wb") as file:
+        # Protocol 4 for speed; the unpickler test below covers protocols 0, 2, 4 and 5.
         pickle.dump({"model": model_dict, "__author__": "Detectron2 Model Zoo",
-                     "matching_heuristics": True}, file, protocol=2)
+                     "matching_heuristics": True}, file, protocol=4)
     return path, arrays
 
 
@@ -272,7 +274,7 @@ def test_d2_model_survives_save_and_load(d2_model, tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def _small_d2_pickle(path: Path, model_dict: dict, protocol: int = 2) -> Path:
+def _small_d2_pickle(path: Path, model_dict: dict, protocol: int = 4) -> Path:
     with path.open("wb") as file:
         pickle.dump({"model": model_dict, "__author__": "test"}, file, protocol=protocol)
     return path
@@ -290,6 +292,24 @@ def test_d2_missing_and_unknown_keys_are_one_line(d2_checkpoint, tmp_path: Path)
     assert "\n" not in message
     assert "backbone.body.layer2.2.bn2.running_mean" in message
     assert "backbone.bottom_up.res4.6.conv1.weight" in message
+
+
+def test_d2_class_agnostic_heads_repeat_per_class(d2_checkpoint, tmp_path: Path) -> None:
+    """CLS_AGNOSTIC_BBOX_REG / CLS_AGNOSTIC_MASK: one 4-row box head and one mask channel,
+    used by detectron2 for every class, become the same rows for each of our labels 1..80."""
+    _, arrays = d2_checkpoint
+    model_dict = dict(arrays)
+    for field in ("weight", "bias"):
+        model_dict[f"roi_heads.box_predictor.bbox_pred.{field}"] = arrays[f"roi_heads.box_predictor.bbox_pred.{field}"][:4]
+        model_dict[f"roi_heads.mask_head.predictor.{field}"] = arrays[f"roi_heads.mask_head.predictor.{field}"][:1]
+    model = from_detectron2(_small_d2_pickle(tmp_path / "agnostic.pkl", model_dict))
+    box_weight = model.roi_heads.box_predictor.bbox_pred.weight.reshape(81, 4, 1024)
+    mask_bias = model.roi_heads.mask_predictor.mask_fcn_logits.bias
+    agnostic_box_weight = torch.from_numpy(model_dict["roi_heads.box_predictor.bbox_pred.weight"])
+    for label in (1, 17, 80):
+        assert torch.equal(box_weight[label], agnostic_box_weight)
+        assert mask_bias[label] == float(model_dict["roi_heads.mask_head.predictor.bias"][0])
+    assert torch.count_nonzero(box_weight[0]) == 0 and mask_bias[0] == 0
 
 
 def test_d2_cell_anchors_are_checked(d2_checkpoint, tmp_path: Path) -> None:
@@ -450,7 +470,6 @@ def test_torchvision_refuses_a_pickled_object(tmp_path: Path) -> None:
 
 def test_coco80_ids_are_coco91_positions() -> None:
     names91 = coco91_class_names()
-    from maskrt.model.convert import coco80_class_names
     for name, category_id in zip(coco80_class_names()[1:], coco80_category_ids()[1:]):
         assert names91[category_id] == name
     assert names91.count("N/A") == 10

@@ -92,15 +92,19 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def detection_agreement(reference: dict, other: dict) -> float:
-    """Fraction of the reference's detections that `other` reproduces: same slot, same label,
-    box IoU > 0.9 (over all images)."""
+    """Fraction of the reference's detections that `other` reproduces: a detection of `other`
+    with the same label and box IoU > 0.9, each used once (greedy by reference score)."""
     matched = total = 0
     for b in range(reference["num_dets"].shape[0]):
         n_ref, n_other = int(reference["num_dets"][b]), int(other["num_dets"][b])
-        n = min(n_ref, n_other)
-        same = (reference["labels"][b, :n] == other["labels"][b, :n]) & (
-            box_iou(reference["boxes"][b, :n], other["boxes"][b, :n]) > 0.9)
-        matched += int(same.sum())
+        used = np.zeros(n_other, bool)
+        for i in range(n_ref):
+            same_label = other["labels"][b, :n_other] == reference["labels"][b, i]
+            ious = box_iou(np.repeat(reference["boxes"][b, i:i + 1], n_other, 0), other["boxes"][b, :n_other])
+            candidates = np.nonzero(same_label & (ious > 0.9) & ~used)[0]
+            if candidates.size:
+                used[candidates[np.argmax(ious[candidates])]] = True
+                matched += 1
         total += n_ref
     return matched / max(total, 1)
 
@@ -180,13 +184,16 @@ def test_runtime_predictor_masks_match_eager(portable_path, model, bgr_images):
     assert len(detections) == eager["scores"].shape[0] >= 5
     np.testing.assert_array_equal(detections.labels, eager["labels"].numpy())
     np.testing.assert_allclose(detections.boxes, eager["boxes"].numpy(), rtol=0, atol=0.05)
-    eager_masks = eager["masks"][:, 0].numpy() >= 0.5
-    ious = []
-    for got, ref in zip(detections.masks, eager_masks):
-        union = np.logical_or(got, ref).sum()
-        if union >= 20:  # IoU of a few-pixel mask says little
-            ious.append(np.logical_and(got, ref).sum() / union)
-    assert len(ious) >= 5 and min(ious) > 0.99, ious
+    probabilities = eager["masks"][:, 0].numpy()
+    eager_masks = probabilities > 0.5  # the runtime's rule: probability > 0.5
+    inter = np.logical_and(detections.masks, eager_masks).sum((1, 2))
+    union = np.logical_or(detections.masks, eager_masks).sum((1, 2))
+    assert inter.sum() / union.sum() > 0.995
+    big = union >= 100  # a one-pixel flip moves a small mask's IoU by several percent
+    assert big.sum() >= 5 and (inter[big] / union[big]).min() > 0.99
+    # Every pixel that differs is one the eager model itself put on the 0.5 boundary.
+    differs = detections.masks != eager_masks
+    assert np.abs(probabilities[differs] - 0.5).max(initial=0.0) < 1e-3
 
 
 # --- the TensorRT-target graph, through `maskrt export` --------------------------------------
@@ -270,11 +277,20 @@ def test_int8_graph_has_qdq_where_it_should_and_runs(portable_path, images, port
     weight_dq = produced_by[convs[0].input[1]]
     assert weight_dq.op_type == "DequantizeLinear"
     assert {a.name: a.i for a in weight_dq.attribute}.get("axis", 1) == 0
-    # The sensitive ops stay float: NMS and RoiAlign inputs, the final predictors.
+    # The sensitive ops stay float: NMS and softmax inputs, the final predictors' weights
+    # and inputs (RoiAlign may read the int8-rounded FPN maps: it computes in float).
+    def from_dq(name: str) -> bool:
+        return name in produced_by and produced_by[name].op_type == "DequantizeLinear"
+
+    predictors = [n for n in quantized.graph.node
+                  if any(m.endswith(("box_predictor", "mask_predictor.mask_fcn_logits"))
+                         for m in precision.module_path(n)) and n.op_type in ("Gemm", "MatMul", "Conv")]
+    assert len(predictors) >= 3  # cls_score, bbox_pred, mask_fcn_logits
+    for node in predictors:
+        assert not any(from_dq(i) for i in node.input), node.name
     for node in quantized.graph.node:
-        if node.op_type in ("NonMaxSuppression", "RoiAlign", "Softmax"):
-            assert all(produced_by.get(i) is None or produced_by[i].op_type != "DequantizeLinear"
-                       for i in node.input), node.op_type
+        if node.op_type in ("NonMaxSuppression", "Softmax", "TopK"):
+            assert not any(from_dq(i) for i in node.input), node.op_type
     got = run(quantized, images)
     assert np.isfinite(got["boxes"]).all() and np.isfinite(got["masks"]).all()
     agreement = detection_agreement(portable_outputs, got)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from maskrt.errors import MaskrtError
 from maskrt.model import build_model, load_model, read_metadata, save_model
 from maskrt.model import ops
-from maskrt.model.backbone import FrozenBatchNorm2d, ResNet, group_norm_groups
+from maskrt.model.backbone import Bottleneck, FrozenBatchNorm2d, ResNet, group_norm_groups
 from maskrt.model.matching import BalancedPositiveNegativeSampler, Matcher
 from maskrt.model.transform import (batch_images, paste_masks_in_image, resize_boxes, resize_image, resized_size)
 
@@ -21,14 +21,14 @@ from maskrt.model.transform import (batch_images, paste_masks_in_image, resize_b
 TINY = dict(min_size=96, max_size=96, backbone_width=8, fpn_channels=16, representation_size=64,
             mask_layers=[16, 16], mask_dim_reduced=16, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=60,
             rpn_pre_nms_top_n_test=80, rpn_post_nms_top_n_test=40, box_batch_size_per_image=32,
-            box_detections_per_img=12)
+            box_detections_per_img=12, box_score_thresh=0.5)
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model("edge", 3, ["__background__", "disc", "square"], **{**TINY, **overrides})
-    # Spread the class scores so that some, not all, candidates pass box_score_thresh (an
-    # untrained head scores every class ~1/3).
+    # Spread the class scores so that some, not all, of the 12 detection slots fill at
+    # box_score_thresh 0.5 (an untrained head scores every class ~1/3).
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.normal_(0.0, 0.5)
     return model
@@ -106,10 +106,12 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval_and_drops_counter():
 
 
 def test_stride_in_1x1_moves_the_stride_and_keeps_shapes():
-    torch_v15 = ResNet(50, "frozen_bn", stride_in_1x1=False)
-    msra = ResNet(50, "frozen_bn", stride_in_1x1=True)
-    assert torch_v15.layer2[0].conv2.stride == (2, 2) and torch_v15.layer2[0].conv1.stride == (1, 1)
-    assert msra.layer2[0].conv1.stride == (2, 2) and msra.layer2[0].conv2.stride == (1, 1)
+    torch_v15 = Bottleneck(64, 64, 2, "frozen_bn", stride_in_1x1=False)
+    msra = Bottleneck(64, 64, 2, "frozen_bn", stride_in_1x1=True)
+    assert torch_v15.conv2.stride == (2, 2) and torch_v15.conv1.stride == (1, 1)
+    assert msra.conv1.stride == (2, 2) and msra.conv2.stride == (1, 1)
+    x = torch.rand(1, 64, 16, 16)
+    assert torch_v15(x).shape == msra(x).shape == (1, 256, 8, 8)
     small = ResNet(18, "group", base_width=8)
     outputs = small(torch.rand(1, 3, 64, 96))
     assert [tuple(o.shape) for o in outputs] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 32, 4, 6), (1, 64, 2, 3)]
@@ -320,7 +322,7 @@ def test_detect_batch_static_shapes_padding_zero_and_batch_independence(eval_mod
         assert 0 < count < 12, "the fixture should give some but not all detections"
         assert torch.all(boxes[image, count:] == 0) and torch.all(scores[image, count:] == 0)
         assert torch.all(labels[image, count:] == 0) and torch.all(masks[image, count:] == 0)
-        assert torch.all(labels[image, :count] >= 1) and torch.all(scores[image, :count] > 0.05)
+        assert torch.all(labels[image, :count] >= 1) and torch.all(scores[image, :count] > 0.5)
         assert torch.all(scores[image, :count - 1] >= scores[image, 1:count])
         for got, single in zip(batched, singles[image]):
             torch.testing.assert_close(got[image], single[0], rtol=1e-5, atol=1e-5)
@@ -400,7 +402,7 @@ def test_train_with_an_image_without_objects():
     losses = model([image, torch.rand(3, 96, 96)], [target, empty])
     assert all(torch.isfinite(v) for v in losses.values())
     losses = model([torch.rand(3, 96, 96)], [empty])
-    assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_box_reg"]) == 0.0
+    assert float(losses["loss_mask"].detach()) == 0.0 and float(losses["loss_box_reg"].detach()) == 0.0
 
 
 # --- weights I/O ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The torch-free runtime against the PyTorch model it was exported from (one seeded, untrained
-"edge" model at 128x128: its ~0.3 scores still give 100 detections with real masks).
+"edge" model at 128x128: its ~0.3 scores still fill all 30 detection slots with real masks).
 
 - An image whose letterbox fills the input (64x64 -> 128x128) gives the same detections as the
   eager model `model([image])`.
@@ -32,7 +32,8 @@ def exported(tmp_path_factory):
     from maskrt.model import build_model
 
     torch.manual_seed(0)
-    model = build_model("edge", num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, min_size=SIZE, max_size=SIZE)
+    model = build_model("edge", num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, min_size=SIZE, max_size=SIZE,
+                        box_detections_per_img=30)
     model.eval()
     folder = tmp_path_factory.mktemp("parity")
     path = export_onnx(model, folder / "edge.onnx", input_size=(SIZE, SIZE))
@@ -110,7 +111,7 @@ def test_bench_against_eager_times_both_in_one_run(exported, saved_weights, tmp_
     _, predictor = exported
     out = tmp_path / "bench.json"
     model_path = predictor.backend.path
-    assert main(["bench", "--model", str(model_path), "--iters", "3", "--warmup", "1", "--json", str(out),
+    assert main(["bench", "--model", str(model_path), "--iters", "2", "--warmup", "0", "--json", str(out),
                  "--against-eager", str(saved_weights)]) == 0
     report = json.loads(out.read_text())
     assert report["eager_ms"]["p50"] > 0 and report["detections"] > 10

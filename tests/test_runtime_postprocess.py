@@ -17,14 +17,16 @@ MEAN = (0.485, 0.456, 0.406)
 
 @pytest.mark.parametrize("orig, big, expected", [
     ((480, 640), (512, 512), (384, 512)),   # scale 0.8: 384 x 512
-    ((100, 50), (128, 128), (128, 64)),     # upscale by 1.28
+    # 128/100 is 1.27999997 in float32, as torchvision computes it: 99.99999% of 128 rows -> 127.
+    ((100, 50), (128, 128), (127, 63)),
+    ((150, 100), (128, 128), (128, 85)),    # float32(128/150) rounds up: 150 * it = 128.000003
     ((37, 53), (64, 96), (64, 91)),         # scale 64/37: floor(53 * 64/37) = 91
     ((1, 500), (64, 64), (1, 64)),          # a thin image never collapses to 0 rows
 ])
-def test_letterbox_size_is_floor_of_scaled_size(orig, big, expected):
+def test_letterbox_size_is_floor_of_float32_scaled_size(orig, big, expected):
     assert letterbox_size(orig, big) == expected
     h, w = orig
-    scale = min(big[0] / h, big[1] / w)
+    scale = float(np.float32(min(np.float32(big[0]) / np.float32(h), np.float32(big[1]) / np.float32(w))))
     assert expected == (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
 
 

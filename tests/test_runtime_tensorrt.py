@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -58,12 +59,28 @@ def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
     with pytest.raises(MaskrtError, match="must be a JSON object"):
         Predictor(engine)
     (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
-    monkeypatch.setitem(__import__("sys").modules, "cuda", None)
+    for module in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, module, None)  # a machine without cuda-python
     with pytest.raises(MaskrtError, match="cuda-python is not installed"):
         Predictor(engine)
 
 
+def test_engine_on_a_machine_without_gpu_is_one_clear_error(tmp_path):
+    """The real lean TensorRT and cuda-python, no GPU: the first CUDA call fails, one line."""
+    pytest.importorskip("tensorrt_lean")
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    if int(cudart.cudaSetDevice(0)[0]) == 0:
+        pytest.skip("this machine has a GPU")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    with pytest.raises(MaskrtError, match=r"CUDA call cudaSetDevice\(0\) failed: cudaError\w+ \(no NVIDIA GPU"):
+        Predictor(engine)
+
+
 # --- a fake TensorRT + cuda-python ------------------------------------------------------------
+
+MAX_BATCH = 2  # the fake engine's optimisation profile: batches of 1 to 2
 
 class FakeCudart:
     """cuda-python's calling convention ((err, value) tuples) over host memory."""
@@ -116,7 +133,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
 
         def set_input_shape(self, name, shape):
             self.shapes[name] = tuple(shape)
-            return shape[1:] == (3, 128, 128)
+            return shape[1:] == (3, 128, 128) and 1 <= shape[0] <= MAX_BATCH
 
         def get_tensor_shape(self, name):
             batch = self.shapes["images"][0]
@@ -147,6 +164,9 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
 
         def get_tensor_shape(self, name):
             return (-1, 3, 128, 128) if name == "images" else (-1,)
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1, 3, 128, 128), (1, 3, 128, 128), (MAX_BATCH, 3, 128, 128)]
 
         def create_execution_context(self):
             return Context()
@@ -190,6 +210,7 @@ def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
 
     predictor = Predictor(engine, conf=0.0, plugin=str(plugin))
     assert predictor.backend.name == "tensorrt" and fake_trt.registry.loaded == [str(plugin)]
+    assert predictor.backend.max_batch == MAX_BATCH
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (90, 70, 3), dtype=np.uint8), np.zeros((40, 100, 3), np.uint8)]
     for ours, theirs in zip(predictor.batch(images), reference.batch(images)):
@@ -198,6 +219,10 @@ def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
     assert fake_cudart.copies.count(1) == 1 and fake_cudart.copies.count(2) == 5  # one in, five out
     predictor.batch(images[:1])  # a smaller batch reuses the buffers
     assert len(fake_cudart.blocks) == 6
+    # Five images with a profile of at most 2: fed as 2 + 2 + 1, results in order.
+    five = [rng.integers(0, 256, (50 + 7 * i, 60, 3), dtype=np.uint8) for i in range(5)]
+    for ours, theirs in zip(predictor.batch(five), reference.batch(five)):
+        np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
 
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"engine for another TensorRT")

@@ -184,3 +184,42 @@ def test_infer_cli_on_a_video_file(tmp_path, fake_model, video, capsys):
     ok, first = capture.read()
     capture.release()
     assert ok and first.shape == (64, 80, 3)
+
+
+def test_unopenable_gstreamer_pipeline_is_one_error():
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.video import open_source
+    # pip's OpenCV has no GStreamer (and this machine no such camera): either way, one clear error.
+    with pytest.raises(MaskrtError, match="cannot open live source GStreamer pipeline"):
+        open_source("nosuchelementsrc ! appsink")
+
+
+def test_ctrl_c_on_the_real_cli_finalises_the_saved_video(tmp_path, fake_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    long_video = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(long_video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (80, 64))
+    frame = np.zeros((64, 80, 3), np.uint8)
+    for i in range(3000):
+        frame[:] = i % 256
+        writer.write(frame)
+    writer.release()
+    out = tmp_path / "partial.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "maskrt", "infer", "--model", str(fake_model), "--source",
+                                str(long_video), "--save", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the writer exists once the first frame is written
+    time.sleep(0.2)
+    assert process.poll() is None, "finished before it could be interrupted"
+    os.kill(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "(stopped by Ctrl-C)" in stdout and "Traceback" not in stderr
+    written = int(stdout.strip().splitlines()[-1].split()[1])  # "saved N frames to ..."
+    assert 0 < written < 3000
+    assert _count_frames(out) == written  # finalised: every written frame can be read back

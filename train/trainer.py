@@ -361,6 +361,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
     # Elapsed time is wall clock over the loop (data, steps, checkpoints), added to what
     # earlier runs of a resumed training already spent.
     loop_start, spent_before = time.perf_counter(), cursor.elapsed_s
+    cpu_start = time.process_time()  # CPU seconds of this process (all threads), for load-independent comparisons
     try:
         while not finished():
             lr = lr_at(fraction_done(), config)
@@ -393,7 +394,8 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
                     bar.set_description(f"train {config.preset} {cursor.elapsed_s / 60:.1f}/{config.minutes:g} min")
             if cursor.step % config.log_every == 0 or cursor.step == 1:
                 metrics_file.write(json.dumps({"step": cursor.step, "epoch": cursor.epoch,
-                                               "elapsed_s": round(cursor.elapsed_s, 3), "lr": lr,
+                                               "elapsed_s": round(cursor.elapsed_s, 3),
+                                               "cpu_s": round(time.process_time() - cpu_start, 3), "lr": lr,
                                                **{k: round(v, 5) for k, v in last_losses.items()}}) + "\n")
                 metrics_file.flush()
             if cursor.step % config.checkpoint_every == 0 and not finished():

@@ -2,8 +2,8 @@
 
 Boxes are visited by decreasing score; a visited, unsuppressed box is kept and suppresses
 every later box whose IoU with it is strictly greater than ``iou_threshold``. The IoU
-matrix is computed once (vectorised, in row blocks to bound memory as booleans); the only
-Python loop runs over the kept boxes.
+matrix is computed once (vectorised, in row blocks so only a bool [N,N] is kept); the
+sequential greedy pass then does one row-OR per kept box.
 """
 from __future__ import annotations
 

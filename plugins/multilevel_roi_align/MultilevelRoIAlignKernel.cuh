@@ -148,6 +148,12 @@ MASKRT_HOST_DEVICE float poolOutputElement(MultilevelRoIAlignParams const& param
     float const x2 = toFloat(roi[2]);
     float const y2 = toFloat(roi[3]);
 
+    if (!(isfinite(x1) && isfinite(y1) && isfinite(x2) && isfinite(y2)))
+    {
+        // A corrupt RoI (NaN or infinite corner) pools nothing. torchvision has no rule here;
+        // following its arithmetic would mean an endless adaptive grid for an infinite RoI.
+        return 0.F;
+    }
     int32_t const level = roiLevelIndex(x1, y1, x2, y2, params);
     float const scale = params.spatialScales[level];
     int32_t const height = params.heights[level];

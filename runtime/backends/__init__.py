@@ -1,7 +1,8 @@
 """Inference backends: one small class per engine kind behind one interface.
 
 A backend has ``name``, ``metadata`` (the model's maskrt metadata strings), ``fixed_batch``
-(an int when the graph's batch is fixed, else None) and ``run(images) -> outputs``:
+(an int when the graph's batch is fixed, else None), ``max_batch`` (the largest batch a
+dynamic graph accepts, None for any) and ``run(images) -> outputs``:
 images float32 [B,3,H,W] RGB [0,1] letterboxed; outputs ``num_dets`` int32 [B], ``boxes``
 float32 [B,D,4], ``scores`` [B,D], ``labels`` int32 [B,D], ``masks`` [B,D,M,M].
 Backends are imported lazily so a Jetson without ONNX Runtime (or a PC without TensorRT)
@@ -26,6 +27,7 @@ class Backend(Protocol):
     name: str
     metadata: Mapping[str, str]
     fixed_batch: int | None
+    max_batch: int | None
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [B,3,H,W] -> the five named outputs as numpy arrays (see module docstring)."""

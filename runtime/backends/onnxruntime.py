@@ -56,6 +56,7 @@ class OnnxRuntimeBackend:
             raise MaskrtError(f"{self.path} must have one input named 'images', has {[i.name for i in inputs]}")
         batch_dim = inputs[0].shape[0]
         self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.max_batch: int | None = None  # ONNX Runtime takes any batch of a dynamic graph
         output_names = [o.name for o in self.session.get_outputs()]
         missing = [name for name in OUTPUT_NAMES if name not in output_names]
         if missing:

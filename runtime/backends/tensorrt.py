@@ -101,7 +101,9 @@ def _check(result: Any, what: str) -> Any:
     """cuda-python calls return (err, *values): raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise MaskrtError(f"CUDA call {what} failed: {err}")
+        name = getattr(err, "name", str(err))
+        hint = " (no NVIDIA GPU or driver on this machine?)" if "Driver" in name or "NoDevice" in name else ""
+        raise MaskrtError(f"CUDA call {what} failed: {name}{hint}")
     return values[0] if len(values) == 1 else values
 
 
@@ -159,6 +161,10 @@ class TensorRTBackend:
         self.dtypes = {name: self._numpy_dtype(self.engine.get_tensor_dtype(name)) for name in names}
         batch_dim = int(self.engine.get_tensor_shape(self.input_name)[0])
         self.fixed_batch: int | None = batch_dim if batch_dim > 0 else None
+        # A dynamic-batch engine accepts at most its optimisation profile's max batch.
+        self.max_batch: int | None = None
+        if self.fixed_batch is None:
+            self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.buffers = {name: _DeviceBuffer(cudart) for name in names}
         self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
@@ -190,7 +196,7 @@ class TensorRTBackend:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = np.empty(shape, dtype=self.dtypes[name])
             self.context.set_tensor_address(name, self.buffers[name].ensure(outputs[name].nbytes))
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):  # TensorRT takes the raw handle
             raise MaskrtError(f"TensorRT failed to run {self.path}")
         for name, host in outputs.items():
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].pointer, host.nbytes, to_host,
