@@ -147,7 +147,7 @@ def export_fp32(model: torch.nn.Module, input_size: tuple[int, int], target: str
                 batch: int | None = None) -> onnx.ModelProto:
     """Trace `model.detect_batch` into an fp32 ONNX ModelProto (checked, shapes inferred, no metadata)."""
     height, width = input_size
-    model = model.eval()
+    was_training = model.training
     graph_module = DetectBatchGraph(model).eval()
     # Trace with 2 images so the batch dimension cannot be specialised to 1 by accident.
     example = torch.rand(batch or 2, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -168,6 +168,8 @@ def export_fp32(model: torch.nn.Module, input_size: tuple[int, int], target: str
         except Exception as err:  # the exporter's errors are pages long: keep the first line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MaskrtError(f"ONNX export failed: {first}") from err
+        finally:
+            model.train(was_training)
     model_proto = program.model_proto
     model_proto.ir_version = IR_VERSION
     model_proto.producer_name = "maskrt"
@@ -226,8 +228,7 @@ def export_onnx(model: torch.nn.Module, out_path: str | Path, input_size: Sequen
         if precision == "fp16":
             model_proto = to_fp16(model_proto)
         else:
-            model_proto = to_int8(model_proto, calib_dir, (height, width),
-                                                   json.loads(metadata["image_mean"]), target=target)
+            model_proto = to_int8(model_proto, calib_dir, (height, width), json.loads(metadata["image_mean"]))
         model_proto.ir_version = IR_VERSION
         _restore_custom_value_info(model_proto, custom_value_info)
         model_proto = check_graph(model_proto)

@@ -190,7 +190,7 @@ def _has_custom_nodes(model_proto: onnx.ModelProto) -> bool:
 
 
 def to_int8(model_proto: onnx.ModelProto, calib_dir: str | Path | None, input_size: tuple[int, int],
-            image_mean: Sequence[float], target: str = "onnx") -> onnx.ModelProto:
+            image_mean: Sequence[float]) -> onnx.ModelProto:
     """QDQ int8 (symmetric, per-channel weights) of the convolutional bulk, calibrated on images."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data

@@ -46,7 +46,7 @@ def find_nvcc() -> str:
     candidates = [os.environ.get("CUDACXX", ""), shutil.which("nvcc") or "", str(cuda_home / "bin" / "nvcc")]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
+            return str(Path(candidate).resolve())  # one spelling per nvcc: CMake re-configures on a change
     raise MaskrtError("nvcc not found (tried $CUDACXX, PATH, $CUDA_HOME/bin): install the CUDA toolkit "
                       "to build the MultilevelRoIAlign plugin, or use --cpu-only for the CPU twin")
 
@@ -103,6 +103,21 @@ def _run(command: list[str], log_path: Path, what: str) -> None:
         raise MaskrtError(f"{what} failed: {_first_error_line(result.stdout)} (full log: {log_path})")
 
 
+def _forget_other_compiler(build_path: Path, nvcc: str) -> None:
+    """Drops a CMake cache made with another nvcc.
+
+    CMake cannot switch compilers in place: it wipes its cache and re-configures without the
+    -D values just given (so TENSORRT_INCLUDE_DIR would silently vanish).
+    """
+    cache = build_path / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    match = re.search(r"^CMAKE_CUDA_COMPILER:\w+=(.*)$", cache.read_text(errors="replace"), re.MULTILINE)
+    if match and match.group(1).strip() and Path(match.group(1).strip()).resolve() != Path(nvcc):
+        cache.unlink()
+        shutil.rmtree(build_path / "CMakeFiles", ignore_errors=True)
+
+
 def build_plugins(build_dir: str | Path = DEFAULT_BUILD_DIR, tensorrt_include: str | None = None,
                   cuda_archs: str | None = None) -> PluginBuild:
     """Configures and builds plugins/CMakeLists.txt into build_dir; returns what was built."""
@@ -117,6 +132,7 @@ def build_plugins(build_dir: str | Path = DEFAULT_BUILD_DIR, tensorrt_include: s
     log_path = build_path / "build.log"
     log_path.write_text("")
 
+    _forget_other_compiler(build_path, nvcc)
     configure = [cmake, "-S", str(PLUGIN_SOURCE_DIR), "-B", str(build_path),
                  f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
                  # Always passed, empty when absent, so an earlier configure's value does not linger.

@@ -107,3 +107,34 @@ def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("maskrt: error: ") for line in err)
     assert "not found" in err[0] and "not found" in err[2]
+
+
+def test_runtime_detections_path_scores_ap_one(val_set):
+    """The torch-free path: a Predictor-like object returning runtime Detections (bool masks)."""
+    from maskrt.runtime.predictor import Detections
+    from maskrt.train.evaluate import runtime_predict_fn
+
+    truth = ground_truth_as_detections(val_set)
+
+    class GroundTruthPredictor:
+        def __call__(self, image):
+            boxes, scores, labels, masks = truth(image)
+            return Detections(boxes=boxes, scores=scores.astype(np.float32), labels=labels, masks=masks,
+                              class_names=tuple(val_set.class_names))
+
+    metrics, _ = evaluate_dataset(val_set, runtime_predict_fn(GroundTruthPredictor()))
+    assert metrics["segm/AP"] == pytest.approx(1.0) and metrics["bbox/AP"] == pytest.approx(1.0)
+
+
+def test_model_labels_map_to_dataset_category_ids_by_name(val_set):
+    from maskrt.errors import MaskrtError
+    from maskrt.train.commands import _category_ids_for
+
+    names = list(val_set.class_names)  # ids 1..6 in the synthetic set
+    # Same classes in another order and with other ids in the model: mapped by name.
+    model_names = ["__background__", names[3], names[1]]
+    assert _category_ids_for(model_names, [0, 50, 60], val_set) == [0, 3, 1]
+    # Unknown names but ids the dataset has: the model's ids.
+    assert _category_ids_for(["__background__", "x", "y"], [0, 2, 5], val_set) == [0, 2, 5]
+    with pytest.raises(MaskrtError, match="not categories"):
+        _category_ids_for(["__background__", "zebra"], [0, 99], val_set)

@@ -176,6 +176,36 @@ def test_roi_pool_gradcheck():
     assert torch.autograd.gradcheck(lambda f: roi_pool(f, rois, (2, 3), 1.0), (feat,))
 
 
+@pytest.mark.parametrize("aligned,sampling", [(False, 2), (True, 2), (True, 0), (False, 0)])
+def test_window_and_tap_forms_agree_with_reference(monkeypatch, aligned, sampling):
+    """avg pooling has two forms (tap gather; window gather + separable weights): both must
+    match the reference, forward and backward. Switching the window form off forces taps."""
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    rng = np.random.default_rng(17)
+    feat = rng.standard_normal((2, 3, 12, 14))
+    rois = _random_rois(rng, 16, batch=2, extent=28.0)
+    rois[4] = [1, 2.0, 3.0, 27.0, 22.0]   # large: more cells than taps with sampling 2
+    rois[5] = [0, 5.0, 5.0, 7.0, 6.5]     # small: fewer cells than taps
+    rois5 = torch.tensor(rois)
+    if sampling > 0:  # (adaptive grids make taps ~ 4x the cells: the window form wins them all)
+        scaled = rois5 * torch.tensor([1, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+        plans = module._sample_plans(12, 14, 3, scaled, (2, 2), 1.0, sampling, aligned, "avg")
+        assert {type(plan).__name__ for _, plan in plans} == {"_SamplePlan", "_WindowPlan"}
+    expected = roi_align_ref(feat, rois, 2, 2, 0.5, sampling, aligned)
+    grad_out = torch.tensor(rng.standard_normal((16, 3, 2, 2)))
+    grads = []
+    for window_form in (True, False):
+        monkeypatch.setattr(module, "_WINDOW_FORM", window_form)
+        leaf = torch.tensor(feat, requires_grad=True)
+        out = roi_align(leaf, rois5, (2, 2), 0.5, sampling, aligned)
+        np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+        out.backward(grad_out)
+        grads.append(leaf.grad)
+        one_channel = torch.tensor(feat[:, :1], requires_grad=True)
+        assert torch.autograd.gradcheck(lambda f: roi_align(f, rois5[2:7], 2, 0.5, sampling, aligned), (one_channel,))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def _ort_roi_align(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, scale: float, sampling: int, aligned: bool) -> np.ndarray:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -239,6 +269,10 @@ def test_roi_align_bad_input_is_one_line_error():
         roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 4), 2)
     with pytest.raises(MaskrtError, match="mode"):
         roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 5), 2, mode="median")
+    with pytest.raises(MaskrtError, match="batch indices"):
+        roi_align(torch.zeros(2, 1, 4, 4), torch.tensor([[2.0, 0, 0, 1, 1]]), 2)
+    with pytest.raises(MaskrtError, match="batch indices"):
+        roi_pool(torch.zeros(2, 1, 4, 4), torch.tensor([[-1.0, 0, 0, 1, 1]]), 2)
     with pytest.raises(MaskrtError, match="N,C,H,W"):
         roi_align(torch.zeros(1, 4, 4), torch.zeros(3, 5), 2)
 

@@ -262,3 +262,16 @@ def test_nan_and_infinite_rois_give_zeros_not_garbage(kernels, mode, sampling_ra
                                                                     output_height=2, output_width=2))
     assert np.all(got[0, :3] == 0)
     assert np.all(got[0, 3] == 1.0)  # a normal RoI beside them is pooled as usual
+
+
+def test_a_cache_from_another_nvcc_is_dropped_before_configuring(tmp_path):
+    """CMake re-configures from scratch on a compiler change and would lose -DTENSORRT_INCLUDE_DIR."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("")
+    cache = tmp_path / "CMakeCache.txt"
+    cache.write_text(f"CMAKE_CUDA_COMPILER:FILEPATH={nvcc}\nTENSORRT_INCLUDE_DIR:PATH=/x\n")
+    plugin_build._forget_other_compiler(tmp_path, str(nvcc.resolve()))
+    assert cache.is_file()
+    (tmp_path / "CMakeFiles").mkdir()
+    plugin_build._forget_other_compiler(tmp_path, "/usr/local/cuda/bin/nvcc")
+    assert not cache.exists() and not (tmp_path / "CMakeFiles").exists()

@@ -36,20 +36,19 @@ def load_weights(path: str | Path):
 
 
 def _category_ids_for(class_names: list[str], category_ids: list[int] | None, dataset) -> list[int]:
-    """The COCO category id of each model label, checked against the dataset's categories.
+    """The dataset's COCO category id for each model label.
 
-    The model's own category_ids win when they exist; otherwise its class names are
-    matched with the dataset's by name.
+    Matched by class name when every model class is a dataset category (robust to datasets
+    that number the same classes differently); otherwise the model's own category_ids, if
+    the dataset has them all. Anything else is a one-line error.
     """
-    if category_ids and len(category_ids) == len(class_names) and any(category_ids[1:]):
-        known = set(dataset.category_ids[1:])
-        if set(category_ids[1:]) <= known:
-            return list(category_ids)
-    by_name = dict(zip(dataset.class_names, dataset.category_ids))
+    by_name = dict(zip(dataset.class_names[1:], dataset.category_ids[1:]))
+    if all(name in by_name for name in class_names[1:]):
+        return [0, *(by_name[name] for name in class_names[1:])]
+    if category_ids and len(category_ids) == len(class_names) and set(category_ids[1:]) <= set(by_name.values()):
+        return list(category_ids)
     missing = [name for name in class_names[1:] if name not in by_name]
-    if missing:
-        raise MaskrtError(f"model classes {missing} are not categories of the dataset {dataset.annotation_file}")
-    return [0, *(by_name[name] for name in class_names[1:])]
+    raise MaskrtError(f"model classes {missing[:5]} are not categories of {dataset.annotation_file}")
 
 
 def eval_command(args: argparse.Namespace) -> int:

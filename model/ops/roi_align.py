@@ -32,6 +32,10 @@ from maskrt.errors import MaskrtError
 # stay near the caches measured ~25% faster on CPU than 32 MiB ones (bench/ops.py).
 _GATHER_BUDGET = 1 << 20
 
+# avg RoIs whose window of cells is well below their tap count use the window form
+# (tests switch it off to check both forms against the same references).
+_WINDOW_FORM = True
+
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(output_size, int):
@@ -118,8 +122,18 @@ def _axis_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     return low.long(), high.long(), 1.0 - frac, frac, inside
 
 
+class _AxisTaps(NamedTuple):
+    """One axis of a chunk's sample points, per RoI k, bin p, sample g: [k, P, G]."""
+
+    low: Tensor     # int64 cell below the sample (torchvision's clamping at the map edge)
+    high: Tensor    # int64 cell above
+    w_low: Tensor   # bilinear weight of ``low``; 0 for samples outside the map or the RoI's grid
+    w_high: Tensor  # bilinear weight of ``high``; same zeros
+    real: Tensor    # bool: sample index < the RoI's own grid size (adaptive grids are padded)
+
+
 class _SamplePlan(NamedTuple):
-    """What one chunk of RoIs reads: for every output bin, 4 bilinear corners per sample."""
+    """Tap form: for every output bin, 4 bilinear corners per sample, gathered one by one."""
 
     index: Tensor   # [bins, S*4] int64 rows of the channels-last map (corner fastest)
     weight: Tensor  # [bins, S*4] bilinear weights, 0 for samples outside the map or the RoI's grid
@@ -127,16 +141,19 @@ class _SamplePlan(NamedTuple):
     count: Tensor   # [bins, 1] samples per bin of the RoI's own grid, at least 1 (the avg divisor)
 
 
-def _sample_plan(
-    height: int, width: int, rois: Tensor, pooled: tuple[int, int], spatial_scale: float, aligned: bool,
-    grid_h: Tensor, grid_w: Tensor, grid_h_max: int, grid_w_max: int,
-) -> _SamplePlan:
-    """Sample points of a chunk of RoIs, rois [k,5], with grids padded to (grid_h_max, grid_w_max)."""
-    ph, pw = pooled
-    k = rois.shape[0]
-    dtype, device = rois.dtype, rois.device
+class _WindowPlan(NamedTuple):
+    """Window form (avg only): the RoI's window of cells is gathered once and the bilinear
+    average is separable, out[k] = weight_y[k] @ window[k] @ weight_x[k]^T per channel.
+    Cheaper than taps when samples outnumber cells (small RoIs, 14x14 masks)."""
+
+    index: Tensor     # [k, Lh*Lw] int64 rows of the channels-last map (window row-major)
+    weight_y: Tensor  # [k, ph, Lh] summed bilinear row weights of each bin, divided by the count
+    weight_x: Tensor  # [k, pw, Lw] summed bilinear column weights of each bin
+
+
+def _roi_geometry(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """rois [k,5] -> (x_start, y_start, roi_w, roi_h) [k] in feature cells, the kernel's arithmetic."""
     offset = 0.5 if aligned else 0.0
-    batch = rois[:, 0].long()
     x_start = rois[:, 1] * spatial_scale - offset
     y_start = rois[:, 2] * spatial_scale - offset
     roi_w = rois[:, 3] * spatial_scale - offset - x_start
@@ -145,25 +162,29 @@ def _sample_plan(
         # Legacy mode forces malformed RoIs to be at least 1x1 cell.
         roi_w = roi_w.clamp(min=1.0)
         roi_h = roi_h.clamp(min=1.0)
-    bin_h = (roi_h / ph)[:, None, None]
-    bin_w = (roi_w / pw)[:, None, None]
-    gh = grid_h.to(dtype)[:, None, None]
-    gw = grid_w.to(dtype)[:, None, None]
+    return x_start, y_start, roi_w, roi_h
 
-    # Sample coordinates, same arithmetic order as the C++ kernel: y [k, ph, gh_max], x [k, pw, gw_max].
-    iy = torch.arange(grid_h_max, device=device, dtype=dtype)[None, None, :]
-    ix = torch.arange(grid_w_max, device=device, dtype=dtype)[None, None, :]
-    bins_y = torch.arange(ph, device=device, dtype=dtype)[None, :, None]
-    bins_x = torch.arange(pw, device=device, dtype=dtype)[None, :, None]
-    y = y_start[:, None, None] + bins_y * bin_h + (iy + 0.5) * bin_h / gh
-    x = x_start[:, None, None] + bins_x * bin_w + (ix + 0.5) * bin_w / gw
-    y_lo, y_hi, wy_lo, wy_hi, y_in = _axis_taps(y, height)
-    x_lo, x_hi, wx_lo, wx_hi, x_in = _axis_taps(x, width)
-    # Padded-grid samples beyond this RoI's own grid (adaptive sampling) are not samples at all.
-    y_real = (iy < gh).expand(k, ph, grid_h_max)
-    x_real = (ix < gw).expand(k, pw, grid_w_max)
-    y_keep = (y_in & y_real).to(dtype)
-    x_keep = (x_in & x_real).to(dtype)
+
+def _axis_samples(start: Tensor, extent: Tensor, pooled: int, grid: Tensor, grid_max: int, size: int) -> _AxisTaps:
+    """Sample coordinates along one axis, same arithmetic order as the C++ kernel:
+    start + p*bin + (i+0.5)*bin/grid for bins p < pooled, samples i < grid_max."""
+    k = start.shape[0]
+    dtype, device = start.dtype, start.device
+    bin_size = (extent / pooled)[:, None, None]
+    g = grid.to(dtype)[:, None, None]
+    i = torch.arange(grid_max, device=device, dtype=dtype)[None, None, :]
+    p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
+    coord = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / g
+    low, high, w_low, w_high, inside = _axis_taps(coord, size)
+    real = (i < g).expand(k, pooled, grid_max)
+    keep = (inside & real).to(dtype)
+    return _AxisTaps(low, high, w_low * keep, w_high * keep, real)
+
+
+def _sample_plan(height: int, width: int, batch: Tensor, ys: _AxisTaps, xs: _AxisTaps, count: Tensor) -> _SamplePlan:
+    """Tap plan of a chunk: ys [k, ph, Gh], xs [k, pw, Gw], batch and count [k]."""
+    k, ph, grid_h_max = ys.low.shape
+    pw, grid_w_max = xs.low.shape[1:]
 
     # Broadcast to samples [k, ph, pw, gh, gw] and stack the 4 corners on a last axis.
     def along_y(t: Tensor) -> Tensor:
@@ -173,57 +194,96 @@ def _sample_plan(
         return t[:, None, :, None, :]
 
     base = (batch * (height * width))[:, None, None, None, None]
-    row_lo, row_hi = along_y(y_lo * width), along_y(y_hi * width)
-    col_lo, col_hi = along_x(x_lo), along_x(x_hi)
+    row_lo, row_hi = along_y(ys.low * width), along_y(ys.high * width)
+    col_lo, col_hi = along_x(xs.low), along_x(xs.high)
     index = torch.stack((base + row_lo + col_lo, base + row_lo + col_hi, base + row_hi + col_lo, base + row_hi + col_hi), dim=-1)
-    wy_lo, wy_hi = along_y(wy_lo * y_keep), along_y(wy_hi * y_keep)
-    wx_lo, wx_hi = along_x(wx_lo * x_keep), along_x(wx_hi * x_keep)
+    wy_lo, wy_hi = along_y(ys.w_low), along_y(ys.w_high)
+    wx_lo, wx_hi = along_x(xs.w_low), along_x(xs.w_high)
     weight = torch.stack((wy_lo * wx_lo, wy_lo * wx_hi, wy_hi * wx_lo, wy_hi * wx_hi), dim=-1)
-    real = along_y(y_real) & along_x(x_real)
-
+    real = along_y(ys.real) & along_x(xs.real)
     bins = k * ph * pw
     samples = grid_h_max * grid_w_max
-    count = (grid_h * grid_w).clamp(min=1).to(dtype)[:, None].expand(k, ph * pw).reshape(bins, 1)
-    return _SamplePlan(
-        index.reshape(bins, samples * 4), weight.reshape(bins, samples * 4), real.reshape(bins, samples), count,
-    )
+    count = count[:, None].expand(k, ph * pw).reshape(bins, 1)
+    return _SamplePlan(index.reshape(bins, samples * 4), weight.reshape(bins, samples * 4), real.reshape(bins, samples), count)
+
+
+def _axis_window(taps: _AxisTaps) -> tuple[Tensor, Tensor]:
+    """The cells one axis's taps touch: (first cell [k], weights [k, P, L]) where weights[k, p, j]
+    sums the bilinear weights bin p puts on cell first+j. L = the chunk's longest span."""
+    k, pooled, _ = taps.low.shape
+    used_low, used_high = taps.w_low != 0, taps.w_high != 0
+    far = torch.iinfo(torch.int64).max
+    first = torch.minimum(torch.where(used_low, taps.low, far).amin((1, 2)), torch.where(used_high, taps.high, far).amin((1, 2)))
+    last = torch.maximum(torch.where(used_low, taps.low, -1).amax((1, 2)), torch.where(used_high, taps.high, -1).amax((1, 2)))
+    unused = last < first  # no sample inside the map: an all-zero window of one cell
+    first = torch.where(unused, torch.zeros_like(first), first)
+    last = torch.where(unused, torch.zeros_like(last), last)
+    span = int((last - first).max()) + 1
+    weights = torch.zeros((k, pooled, span), dtype=taps.w_low.dtype, device=taps.w_low.device)
+    # Unused taps carry weight 0; clamping only keeps their (ignored) index in range.
+    weights.scatter_add_(2, (taps.low - first[:, None, None]).clamp(0, span - 1), taps.w_low)
+    weights.scatter_add_(2, (taps.high - first[:, None, None]).clamp(0, span - 1), taps.w_high)
+    return first, weights
+
+
+def _window_plan(height: int, width: int, batch: Tensor, ys: _AxisTaps, xs: _AxisTaps, count: Tensor) -> _WindowPlan:
+    first_y, weight_y = _axis_window(ys)
+    first_x, weight_x = _axis_window(xs)
+    span_y, span_x = weight_y.shape[2], weight_x.shape[2]
+    device = batch.device
+    # Window cells past a shorter RoI's own span have zero weight; clamping keeps them in the map.
+    cell_y = (first_y[:, None] + torch.arange(span_y, device=device)).clamp(max=height - 1)
+    cell_x = (first_x[:, None] + torch.arange(span_x, device=device)).clamp(max=width - 1)
+    index = (batch * (height * width))[:, None, None] + cell_y[:, :, None] * width + cell_x[:, None, :]
+    return _WindowPlan(index.reshape(batch.shape[0], span_y * span_x), weight_y / count[:, None, None], weight_x)
 
 
 def _sample_plans(
     height: int, width: int, channels: int, rois: Tensor, pooled: tuple[int, int], spatial_scale: float,
-    sampling_ratio: int, aligned: bool,
-) -> Iterator[tuple[Tensor, _SamplePlan]]:
-    """Chunks of RoIs and their sample plans: yields (positions [k] into rois, plan).
+    sampling_ratio: int, aligned: bool, mode: str,
+) -> Iterator[tuple[Tensor, _SamplePlan | _WindowPlan]]:
+    """Chunks of RoIs and their plans: yields (positions [k] into rois, plan).
 
-    With adaptive sampling the RoIs are visited sorted by grid size, so each chunk's padded
-    grid is close to every member's own grid.
+    avg RoIs whose window of cells is well below their tap count take the window form,
+    the rest the tap form. Within a form RoIs are visited sorted by cost, so each chunk's
+    padding (grid or window of its largest member) is close to every member's own.
     """
     ph, pw = pooled
     k = rois.shape[0]
+    x_start, y_start, roi_w, roi_h = _roi_geometry(rois, spatial_scale, aligned)
     if sampling_ratio > 0:
         grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
         grid_w = grid_h
-        order = torch.arange(k, device=rois.device)
     else:
-        # The adaptive grid, from the same roi size arithmetic as the kernel.
-        offset = 0.5 if aligned else 0.0
-        roi_w = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
-        roi_h = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
-        if not aligned:
-            roi_w = roi_w.clamp(min=1.0)
-            roi_h = roi_h.clamp(min=1.0)
         grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0).long()
         grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0).long()
-        order = torch.argsort(grid_h * grid_w, stable=True)
-        grid_h, grid_w = grid_h[order], grid_w[order]
-    for start, stop in _chunks_by_cost(grid_h, grid_w, ph * pw * 4 * channels):
-        positions = order[start:stop]
-        g_h, g_w = grid_h[start:stop], grid_w[start:stop]
-        plan = _sample_plan(
-            height, width, rois[positions], pooled, spatial_scale, aligned, g_h, g_w,
-            max(int(g_h.max()), 1), max(int(g_w.max()), 1),
-        )
-        yield positions, plan
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
+    taps = ph * pw * grid_h.clamp(min=1) * grid_w.clamp(min=1) * 4
+    # Cells a window spans: the RoI's extent plus the bilinear neighbours, within the map.
+    window_h = (torch.ceil(torch.nan_to_num(roi_h.abs(), nan=0.0, posinf=height)) + 2).clamp(max=height).long()
+    window_w = (torch.ceil(torch.nan_to_num(roi_w.abs(), nan=0.0, posinf=width)) + 2).clamp(max=width).long()
+    # The window form does more arithmetic (two small matmuls) per gathered cell: measured on
+    # CPU (bench/ops.py cases) it wins while cells < ~0.7 x taps.
+    use_window = (3 * window_h * window_w < 2 * taps) & (mode == "avg" and _WINDOW_FORM)
+
+    for window_form in (False, True):
+        members = torch.where(use_window == window_form)[0]
+        if members.numel() == 0:
+            continue
+        if window_form:
+            cost_h, cost_w, per_unit = window_h[members], window_w[members], channels
+        else:
+            cost_h, cost_w, per_unit = grid_h[members], grid_w[members], ph * pw * 4 * channels
+        order = torch.argsort(cost_h * cost_w, stable=True)
+        members, cost_h, cost_w = members[order], cost_h[order], cost_w[order]
+        for start, stop in _chunks_by_cost(cost_h, cost_w, per_unit):
+            positions = members[start:stop]
+            g_h, g_w = grid_h[positions], grid_w[positions]
+            ys = _axis_samples(y_start[positions], roi_h[positions], ph, g_h, max(int(g_h.max()), 1), height)
+            xs = _axis_samples(x_start[positions], roi_w[positions], pw, g_w, max(int(g_w.max()), 1), width)
+            batch = rois[positions, 0].long()
+            build = _window_plan if window_form else _sample_plan
+            yield positions, build(height, width, batch, ys, xs, count[positions])
 
 
 def _sample_values(rows: Tensor, plan: _SamplePlan) -> Tensor:
@@ -231,6 +291,29 @@ def _sample_values(rows: Tensor, plan: _SamplePlan) -> Tensor:
     bins, taps = plan.index.shape
     gathered = rows.index_select(0, plan.index.reshape(-1)).view(bins, taps // 4, 4, rows.shape[1])
     return (gathered * plan.weight.view(bins, taps // 4, 4, 1)).sum(2)
+
+
+def _window_average(rows: Tensor, plan: _WindowPlan) -> Tensor:
+    """Window form forward: [k, ph, pw, C]."""
+    k, ph, span_y = plan.weight_y.shape
+    pw, span_x = plan.weight_x.shape[1:]
+    channels = rows.shape[1]
+    window = rows.index_select(0, plan.index.reshape(-1)).view(k, span_y, span_x * channels)
+    along_y = torch.bmm(plan.weight_y, window).view(k, ph, span_x, channels)               # [k, ph, Lw, C]
+    along_y = along_y.transpose(1, 2).reshape(k, span_x, ph * channels)
+    pooled = torch.bmm(plan.weight_x, along_y).view(k, pw, ph, channels)                  # [k, pw, ph, C]
+    return pooled.transpose(1, 2)
+
+
+def _window_average_backward(grad_bins: Tensor, plan: _WindowPlan) -> Tensor:
+    """Window form backward: grad_bins [k, ph, pw, C] -> gradient of the window cells [k*Lh*Lw, C]."""
+    k, ph, span_y = plan.weight_y.shape
+    pw, span_x = plan.weight_x.shape[1:]
+    channels = grad_bins.shape[-1]
+    grad_rows_y = torch.bmm(plan.weight_y.transpose(1, 2), grad_bins.reshape(k, ph, pw * channels))  # [k, Lh, pw*C]
+    grad_rows_y = grad_rows_y.view(k, span_y, pw, channels).transpose(1, 2).reshape(k, pw, span_y * channels)
+    grad_window = torch.bmm(plan.weight_x.transpose(1, 2), grad_rows_y).view(k, span_x, span_y, channels)
+    return grad_window.transpose(1, 2).reshape(k * span_y * span_x, channels)
 
 
 def _max_over_samples(values: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,8 +327,15 @@ def _prepare(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, mode:
     if mode not in ("avg", "max"):
         raise MaskrtError(f"roi_align mode must be 'avg' or 'max', got {mode!r}")
     rois = _as_rois(input, boxes)
+    _check_batch_index(rois, input.shape[0])
     compute = _compute_dtype(input.dtype)
     return rois.detach().to(compute), _pair(output_size), compute
+
+
+def _check_batch_index(rois: Tensor, batch: int) -> None:
+    """Each RoI's image index must name an image of the input (else the gather reads garbage)."""
+    if rois.shape[0] and not bool(((rois[:, 0] >= 0) & (rois[:, 0] < batch)).all()):
+        raise MaskrtError(f"RoI batch indices must lie in [0, {batch - 1}] (the input has {batch} images)")
 
 
 def _roi_align_forward(input: Tensor, rois: Tensor, pooled: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
@@ -256,14 +346,16 @@ def _roi_align_forward(input: Tensor, rois: Tensor, pooled: tuple[int, int], spa
         return input.new_zeros((rois.shape[0], channels, ph, pw))
     rows = _channels_last_rows(input, rois.dtype)
     results, visited = [], []
-    for positions, plan in _sample_plans(height, width, channels, rois, pooled, spatial_scale, sampling_ratio, aligned):
-        bins = plan.index.shape[0]
-        if mode == "avg":
+    for positions, plan in _sample_plans(height, width, channels, rois, pooled, spatial_scale, sampling_ratio, aligned, mode):
+        if isinstance(plan, _WindowPlan):
+            pooled_bins = _window_average(rows, plan)
+        elif mode == "avg":
+            bins = plan.index.shape[0]
             gathered = rows.index_select(0, plan.index.reshape(-1)).view(bins, -1, channels)
             pooled_bins = torch.bmm((plan.weight / plan.count)[:, None, :], gathered)[:, 0]
         else:
             pooled_bins = _max_over_samples(_sample_values(rows, plan), plan.real)[0]
-        results.append(pooled_bins.view(-1, ph, pw, channels))
+        results.append(pooled_bins.reshape(-1, ph, pw, channels))
         visited.append(positions)
     output = torch.cat(results, dim=0) if len(results) > 1 else results[0]
     positions = torch.cat(visited) if len(visited) > 1 else visited[0]
@@ -332,7 +424,10 @@ def roi_align_backward(
         return grad_rows.view(n, height, width, channels).permute(0, 3, 1, 2).to(input.dtype)
     grad_bins_all = grad_output.to(compute).permute(0, 2, 3, 1)  # [K, ph, pw, C]
     rows = _channels_last_rows(input, compute) if mode == "max" else None
-    for positions, plan in _sample_plans(height, width, channels, rois, (ph, pw), float(spatial_scale), sampling_ratio, aligned):
+    for positions, plan in _sample_plans(height, width, channels, rois, (ph, pw), float(spatial_scale), sampling_ratio, aligned, mode):
+        if isinstance(plan, _WindowPlan):
+            grad_rows.index_add_(0, plan.index.reshape(-1), _window_average_backward(grad_bins_all[positions], plan))
+            continue
         bins, taps = plan.index.shape
         grad_bins = grad_bins_all[positions].reshape(bins, channels)
         if mode == "avg":
@@ -453,6 +548,7 @@ def roi_pool(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int |
     arg-max cell of each bin (row-major), as torchvision.
     """
     rois = _as_rois(input, boxes)
+    _check_batch_index(rois, input.shape[0])
     pooled = _pair(output_size)
     rois = rois.detach().to(_compute_dtype(input.dtype))
     return _RoIPoolFunction.apply(input, rois, pooled, float(spatial_scale))

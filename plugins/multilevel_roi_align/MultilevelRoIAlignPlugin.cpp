@@ -490,8 +490,16 @@ bool MultilevelRoIAlignPlugin::paramsForShapes(
 int32_t MultilevelRoIAlignPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    MultilevelRoIAlignParams params;
-    return nbOutputs == 1 && paramsForShapes(in, nbInputs, params) ? 0 : -1;
+    try
+    {
+        MultilevelRoIAlignParams params;
+        return nbOutputs == 1 && paramsForShapes(in, nbInputs, params) ? 0 : -1;
+    }
+    catch (std::exception const& error)
+    {
+        logException("onShapeChange", error);
+    }
+    return -1;
 }
 
 int32_t MultilevelRoIAlignPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
@@ -648,14 +656,29 @@ IPluginV3* MultilevelRoIAlignPluginCreator::createPlugin(
 
 extern "C" void setLoggerFinder(ILoggerFinder* finder)
 {
-    std::lock_guard<std::mutex> lock(gLoggerMutex);
-    gLoggerFinder = finder;
+    try
+    {
+        std::lock_guard<std::mutex> lock(gLoggerMutex);
+        gLoggerFinder = finder;
+    }
+    catch (...)
+    {
+    }
 }
 
 extern "C" IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static maskrt::MultilevelRoIAlignPluginCreator creator;
-    static IPluginCreatorInterface* const creators[] = {&creator};
-    nbCreators = 1;
-    return creators;
+    nbCreators = 0;
+    try
+    {
+        static maskrt::MultilevelRoIAlignPluginCreator creator;
+        static IPluginCreatorInterface* const creators[] = {&creator};
+        nbCreators = 1;
+        return creators;
+    }
+    catch (std::exception const& error)
+    {
+        logException("getCreators", error);
+    }
+    return nullptr;
 }
