@@ -69,15 +69,20 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike[str], **overrides: Any) -> MaskRCNN:
     """Rebuild the saved model (its preset + stored config + `overrides`, by constructor
-    argument name, e.g. box_score_thresh=0.3) and load its weights. Returned in eval mode."""
+    argument name, e.g. box_score_thresh=0.3; `class_names` / `category_ids` also accepted)
+    and load its weights. Returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
+    class_names = overrides.pop("class_names", metadata.get("class_names"))
+    category_ids = overrides.pop("category_ids", metadata.get("category_ids"))
     config = {**metadata["config"], **overrides}
-    model = build_model(metadata["preset"], int(metadata["num_classes"]), metadata.get("class_names"), **config)
-    if metadata.get("category_ids") is not None:
-        model.category_ids = list(metadata["category_ids"])
+    model = build_model(metadata["preset"], int(metadata["num_classes"]), class_names, **config)
+    if category_ids is not None:
+        if len(category_ids) != model.num_classes:
+            raise MaskrtError(f"{len(category_ids)} category ids for {model.num_classes} classes")
+        model.category_ids = list(category_ids)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

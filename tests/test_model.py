@@ -424,6 +424,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, eval_model):
             assert torch.equal(a, b)
     stricter = load_model(path, box_score_thresh=0.9, box_detections_per_img=5)
     assert stricter.roi_heads.score_thresh == 0.9 and stricter.detections_per_img == 5
+    renamed = load_model(path, class_names=["__background__", "a", "b"])
+    assert renamed.class_names == ["__background__", "a", "b"] and renamed.category_ids == [0, 7, 9]
 
 
 def test_load_model_errors_are_one_line(tmp_path):
@@ -448,3 +450,27 @@ def test_load_model_errors_are_one_line(tmp_path):
             load_model(error_test)
         except MaskrtError as err:
             assert "\n" not in str(err)
+
+
+def test_detect_batch_exports_with_dynamic_batch_and_only_graph_ops(eval_model):
+    """The static-shape contract: torch.export traces detect_batch for any batch size, and
+    the only data-dependent work is the two maskrt graph ops (RPN + box NMS, box + mask pool)."""
+
+    class Detect(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor):
+            return self.model.detect_batch(images)
+
+    batch = torch.export.Dim("batch", min=1, max=4)
+    program = torch.export.export(Detect(eval_model), (torch.rand(2, 3, 96, 96),),
+                                  dynamic_shapes={"images": {0: batch}})
+    custom = sorted(str(node.target) for node in program.graph.nodes if "maskrt" in str(node.target))
+    assert custom == ["maskrt.multilevel_roi_align.default"] * 2 + ["maskrt.nms_padded.default"] * 2
+    assert not any("nonzero" in str(node.target) for node in program.graph.nodes)
+    images = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        for traced, eager in zip(program.module()(images), eval_model.detect_batch(images)):
+            assert torch.equal(traced, eager)

@@ -243,3 +243,15 @@ def test_plugins_import_and_run_without_torch():
             "assert abs(out[0, 0, 0, 0, 0] - 7.2) < 1e-5\n"
             "assert 'torch' not in [m.split('.')[0] for m, v in sys.modules.items() if v is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_non_finite_roi_gives_zeros_and_terminates(sampling_ratio):
+    """Contract (degenerate_rois.non_finite): NaN/inf RoIs pool to 0; the adaptive grid must not run away."""
+    rng = np.random.default_rng(7)
+    features = [rng.standard_normal((1, 2, 16 // 2**i, 16 // 2**i)).astype(np.float32) for i in range(3)]
+    rois = np.array([[[0.0, 0.0, np.inf, 8.0], [np.nan, 1.0, 5.0, 5.0], [1.0, 1.0, 9.0, 9.0]]], np.float32)
+    out = cpu.multilevel_roi_align(rois, features, spatial_scales=[0.25, 0.125, 0.0625],
+                                   output_height=2, output_width=2, sampling_ratio=sampling_ratio)
+    assert np.all(out[0, :2] == 0.0)
+    assert np.any(out[0, 2] != 0.0)  # the finite RoI is pooled as usual

@@ -95,10 +95,14 @@ def evaluate_results(coco_gt: COCO, results: list[dict], image_ids: Iterable[int
 
 def format_table(metrics: dict[str, float], columns: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
     """A small text table: one row per IoU type, AP columns in percent."""
+    def cell(value: float) -> str:
+        # COCOeval reports -1 where the ground truth has no object of that size.
+        return f"{'-':>8s}" if value < 0 else f"{100 * value:8.1f}"
+
     rows = [f"{'':6s}" + "".join(f"{c:>8s}" for c in columns)]
     for iou_type in IOU_TYPES:
         if f"{iou_type}/AP" in metrics:
-            rows.append(f"{iou_type:6s}" + "".join(f"{100 * metrics[f'{iou_type}/{c}']:8.1f}" for c in columns))
+            rows.append(f"{iou_type:6s}" + "".join(cell(metrics[f"{iou_type}/{c}"]) for c in columns))
     return "\n".join(rows)
 
 

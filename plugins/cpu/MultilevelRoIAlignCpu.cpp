@@ -6,6 +6,7 @@
 // reference and a CI fallback, and the machines it runs on are shared.
 #include "MultilevelRoIAlignCpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -149,6 +150,12 @@ struct Problem {
 
 void pool_one_roi(const Problem& p, int64_t image, int64_t roi, AxisSamples& ys, AxisSamples& xs, float* out) {
   const float* box = p.rois + (image * p.num_rois + roi) * 4;
+  // Contract: a RoI with a NaN or infinite coordinate gives 0 everywhere (its adaptive grid
+  // would otherwise be unbounded).
+  if (!(std::isfinite(box[0]) && std::isfinite(box[1]) && std::isfinite(box[2]) && std::isfinite(box[3]))) {
+    std::fill(out, out + p.channels * p.output_height * p.output_width, 0.0f);
+    return;
+  }
   const int32_t level = maskrt_cpu_roi_level(box[0], box[1], box[2], box[3], p.spatial_scales, p.num_levels,
                                              p.canonical_scale, p.canonical_level);
   const float scale = p.spatial_scales[level];
