@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 
 def median_ms(function, iters: int, warmup: int = 2) -> float:

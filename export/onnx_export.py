@@ -219,6 +219,10 @@ def export_onnx(model: torch.nn.Module, out_path: str | Path, input_size: Sequen
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise MaskrtError(f"output file must end in .onnx, got {out_path}")
+    if precision == "int8":
+        from maskrt.export.calibration import calibration_files
+
+        calibration_files(calib_dir)  # a missing folder fails now, not after the trace
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model_proto = export_fp32(model, (height, width), target, batch)
     metadata = model_metadata(model, (height, width), target, precision)

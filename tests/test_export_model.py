@@ -196,7 +196,7 @@ def test_runtime_predictor_masks_match_eager(portable_path, model, bgr_images):
     assert np.abs(probabilities[differs] - 0.5).max(initial=0.0) < 1e-3
 
 
-# --- the TensorRT-target graph, through `maskrt export` --------------------------------------
+# --- the TensorRT-target graph, through `maskrt export --batch 2` ----------------------------
 
 @pytest.fixture(scope="module")
 def tensorrt_path(model, tmp_path_factory) -> Path:
@@ -205,7 +205,7 @@ def tensorrt_path(model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trt")
     save_model(model, folder / "model.safetensors")
     args = argparse.Namespace(weights=str(folder / "model.safetensors"), target="tensorrt", precision="fp32",
-                              calib=None, input_size=(SIZE, SIZE), batch=None, out=str(folder / "trt.onnx"))
+                              calib=None, input_size=(SIZE, SIZE), batch=2, out=str(folder / "trt.onnx"))
     assert export_command(args) == 0
     return folder / "trt.onnx"
 
@@ -230,6 +230,9 @@ def test_tensorrt_graph_has_the_contract_nodes(tensorrt_path):
         sizes.append((attributes["output_height"], attributes["output_width"]))
     assert sorted(sizes) == [(7, 7), (14, 14)]
     assert read_metadata(graph)["target"] == "tensorrt"
+    # --batch 2 fixes B everywhere (the portable fixture covers the dynamic batch).
+    assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [2, 3, SIZE, SIZE]
+    assert all(o.type.tensor_type.shape.dim[0].dim_value == 2 for o in graph.graph.output)
 
 
 def test_tensorrt_graph_on_ort_custom_op_equals_portable(tensorrt_path, images, portable_outputs):
@@ -309,6 +312,8 @@ def test_export_rejects_bad_arguments(model, tmp_path):
         export_onnx(model, tmp_path / "a.onnx", (128, 128), precision="int4")
     with pytest.raises(MaskrtError, match=r"\.onnx"):
         export_onnx(model, tmp_path / "a.engine", (128, 128))
+    with pytest.raises(MaskrtError, match="calibration folder"):
+        export_onnx(model, tmp_path / "a.onnx", (128, 128), precision="int8", calib_dir=tmp_path / "none")
     with pytest.raises(MaskrtError, match="RoIPool"):
         export_onnx(build_model("edge", 3, roi_op="pool"), tmp_path / "a.onnx", (128, 128))
 

@@ -41,7 +41,7 @@ class RoiAlignModule(torch.nn.Module):
 
 
 def export(module, args, names, table, dynamic=None) -> onnx.ModelProto:
-    program = torch.onnx.export(module, tuple(torch.from_numpy(a) for a in args), dynamo=True, input_names=names,
+    program = torch.onnx.export(module.eval(), tuple(torch.from_numpy(a) for a in args), dynamo=True, input_names=names,
                                 custom_translation_table=table, dynamic_shapes=dynamic, verbose=False)
     model = program.model_proto
     model.ir_version = IR_VERSION

@@ -217,6 +217,29 @@ def test_sampler_caps_positives_and_fills_with_negatives():
 
 # --- inference: fixed shapes against list-based torchvision-order references ------------------
 
+def test_rpn_predictions_flatten_in_anchor_order():
+    """Anchor (y*W + x)*A + a sits at cell (y, x) (ops.AnchorGenerator): the flattened
+    objectness and deltas must put the head's output for (a, y, x) at that same index."""
+    from maskrt.model.rpn import flatten_level
+    batch, anchors_per_cell, height, width = 2, 3, 4, 5
+    b, a, y, x = torch.meshgrid(*(torch.arange(n) for n in (batch, anchors_per_cell, height, width)), indexing="ij")
+    logits = (1000 * b + 100 * a + 10 * y + x).float()  # [B, A, H, W]
+    flat = flatten_level(logits, 1)[..., 0]
+    for index in (0, 7, 31, 59):
+        cell, anchor = divmod(index, anchors_per_cell)
+        row, col = divmod(cell, width)
+        assert float(flat[1, index]) == 1000 + 100 * anchor + 10 * row + col
+    # Deltas: channel a*4 + k holds coordinate k of anchor a (torchvision's layout).
+    k = torch.arange(4).view(1, 1, 4, 1, 1)
+    deltas = (logits[:, :, None] * 10 + k).reshape(batch, anchors_per_cell * 4, height, width)
+    flat_deltas = flatten_level(deltas, 4)
+    cell, anchor = divmod(23, anchors_per_cell)
+    row, col = divmod(cell, width)
+    expected = [(100 * anchor + 10 * row + col) * 10 + coordinate for coordinate in range(4)]
+    assert flat_deltas[0, 23].tolist() == expected
+
+
+
 def rpn_reference(rpn, objectness, deltas, anchors_per_level, image_sizes):
     """torchvision's filter_proposals, one image at a time with variable-length tensors."""
     results = []
@@ -474,3 +497,57 @@ def test_detect_batch_exports_with_dynamic_batch_and_only_graph_ops(eval_model):
     with torch.no_grad():
         for traced, eager in zip(program.module()(images), eval_model.detect_batch(images)):
             assert torch.equal(traced, eager)
+
+
+def test_rpn_loss_with_zero_predictions_matches_float64_formula(eval_model):
+    """Zero logits and deltas: BCE is ln 2 for every sampled anchor, and the box loss is the
+    smooth-L1 (beta 1/9) of the positives' encoded targets over the 256 sampled anchors. All
+    positives fit in the 128-positive quota, so the sum does not depend on the random draw."""
+    rpn = eval_model.rpn
+    features = [torch.zeros(1, 16, 96 // s, 96 // s) for s in (4, 8, 16, 32)] + [torch.zeros(1, 16, 2, 2)]
+    anchors = rpn.anchors(features, (96, 96))
+    gt = torch.tensor([[20.0, 30.0, 52.0, 62.0]])
+    total = sum(a.shape[0] for a in anchors)
+    torch.manual_seed(0)
+    losses = rpn.compute_loss(torch.zeros(1, total), torch.zeros(1, total, 4), anchors, [{"boxes": gt}])
+    assert abs(float(losses["loss_objectness"]) - math.log(2)) < 1e-6
+
+    all_anchors = torch.cat(anchors).double().numpy()
+    g = gt.double().numpy()[0]
+    ix = np.clip(np.minimum(all_anchors[:, 2], g[2]) - np.maximum(all_anchors[:, 0], g[0]), 0, None)
+    iy = np.clip(np.minimum(all_anchors[:, 3], g[3]) - np.maximum(all_anchors[:, 1], g[1]), 0, None)
+    inter = ix * iy
+    areas = (all_anchors[:, 2] - all_anchors[:, 0]) * (all_anchors[:, 3] - all_anchors[:, 1])
+    iou = inter / (areas + (g[2] - g[0]) * (g[3] - g[1]) - inter)
+    positive = (iou >= 0.7) | (iou == iou.max())
+    assert 0 < positive.sum() <= 128
+    a = all_anchors[positive]
+    aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    targets = np.stack([((g[0] + g[2]) / 2 - (a[:, 0] + a[:, 2]) / 2) / aw,
+                        ((g[1] + g[3]) / 2 - (a[:, 1] + a[:, 3]) / 2) / ah,
+                        np.log((g[2] - g[0]) / aw), np.log((g[3] - g[1]) / ah)], axis=1)
+    beta = 1 / 9
+    err = np.abs(targets)
+    smooth = np.where(err < beta, 0.5 * err**2 / beta, err - 0.5 * beta)
+    assert smooth.sum() > 0.01  # the gt centre (36, 46) is off every anchor centre
+    assert abs(float(losses["loss_rpn_box_reg"]) - smooth.sum() / 256) < 1e-6
+
+
+def test_head_losses_with_zero_predictors_are_uniform_entropies():
+    """Zero class logits: cross-entropy ln(3) on every sampled RoI; zero mask logits: BCE
+    ln 2 per pixel; zero deltas on proposals equal to the gt boxes: box loss 0."""
+    model = tiny_model().train()
+    heads = model.roi_heads
+    with torch.no_grad():
+        for module in (heads.box_predictor.cls_score, heads.box_predictor.bbox_pred,
+                       heads.mask_predictor.mask_fcn_logits):
+            module.weight.zero_()
+            module.bias.zero_()
+    image, target = two_shapes()
+    features = model.backbone(model.normalize(image[None]))
+    gt_only = [target["boxes"].clone()]  # the gt boxes are appended again: every positive is exact
+    losses = {name: float(value.detach()) for name, value in
+              heads.losses(features[:-1], gt_only, (96, 96), [target]).items()}
+    assert abs(losses["loss_classifier"] - math.log(3)) < 1e-5
+    assert abs(losses["loss_mask"] - math.log(2)) < 1e-5
+    assert losses["loss_box_reg"] == 0.0

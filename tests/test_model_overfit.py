@@ -9,6 +9,9 @@ import torch
 
 from maskrt.model import build_model
 
+# Adam steps on the one image: seeds 0-2 all reach mask IoU >= 0.84 by step 40 (30 is marginal).
+STEPS = 40
+
 
 def scene(size: int = 128) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A disc (label 1) and a rectangle (label 2) on a flat background, with exact masks."""
@@ -54,11 +57,9 @@ def test_tiny_model_overfits_one_image():
         found = torch.where(result["labels"] == label)[0]
         assert found.numel() > 0, f"class {label} not detected: {result['labels'].tolist()}"
         best = found[0]  # detections come by decreasing score
-        assert float(result["scores"][best]) > 0.3
+        assert float(result["scores"][best]) > 0.4
         predicted = result["masks"][best, 0] > 0.5
         truth = target["masks"][label - 1] > 0
         iou = float((predicted & truth).sum()) / float((predicted | truth).sum())
         assert iou > 0.5, f"class {label}: mask IoU {iou:.3f}"
 
-
-STEPS = 30

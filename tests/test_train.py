@@ -24,6 +24,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: reductions in a fixed order (exact resume) and no OpenMP spinning
+    against other jobs on a shared 2-core machine (2 threads were ~10x slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinydata")
@@ -70,7 +80,6 @@ def test_epoch_order_is_a_seeded_permutation():
 def test_smoke_run_loss_falls_and_checkpoints_load(tiny_data, tmp_path):
     from maskrt.model import load_model
 
-    torch.set_num_threads(2)
     config = tiny_config(tiny_data, tmp_path / "run", epochs=10, lr=0.02, checkpoint_every=15,
                          augment=False, warmup_fraction=0.1)
     summary = train(config)
@@ -94,13 +103,11 @@ def test_smoke_run_loss_falls_and_checkpoints_load(tiny_data, tmp_path):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
     from maskrt.model import load_model
 
-    torch.set_num_threads(1)  # one thread: reductions in a fixed order
     steps = dict(epochs=2.5, checkpoint_every=3)  # 10 steps, epoch boundary crossed after the stop
     whole = train(tiny_config(tiny_data, tmp_path / "whole", **steps))
     first = train(tiny_config(tiny_data, tmp_path / "parts", **steps), stop_after_steps=5)
     assert first["step"] == 5
     resumed = train(tiny_config(tiny_data, tmp_path / "parts", resume=True, **steps))
-    torch.set_num_threads(2)
     assert whole["step"] == resumed["step"] == 10
     a = load_model(tmp_path / "whole" / WEIGHTS).state_dict()
     b = load_model(tmp_path / "parts" / WEIGHTS).state_dict()

@@ -33,7 +33,8 @@ def detections_to_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, 
     """COCO result entries of one image's detections.
 
     boxes [N,4] xyxy, scores [N], labels [N] in 1..K, masks [N,H,W] (bool, or probabilities
-    thresholded at `mask_threshold`) or [N,1,H,W] or None, all in the image's own pixels.
+    thresholded: probability > `mask_threshold`, as torchvision and the runtime) or [N,1,H,W]
+    or None, all in the image's own pixels.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     scores = np.asarray(scores, np.float64).reshape(-1)
@@ -43,7 +44,7 @@ def detections_to_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, 
         if masks.ndim == 4:
             masks = masks[:, 0]
         if masks.dtype != bool:
-            masks = masks >= mask_threshold if masks.dtype.kind == "f" else masks.astype(bool)
+            masks = masks > mask_threshold if masks.dtype.kind == "f" else masks.astype(bool)
     results = []
     for i in range(boxes.shape[0]):
         x1, y1, x2, y2 = boxes[i]
