@@ -125,6 +125,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
         assert whole_state[key] == parts_state[key]
 
 
+def test_time_budget_stops_on_time_with_the_schedule_fitted_to_it(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "timed", minutes=0.04, warmup_fraction=0.0, checkpoint_every=1000)
+    summary = train(config)
+    assert summary["elapsed_s"] >= 0.04 * 60 and summary["step"] >= 1
+    rows = [json.loads(line) for line in (tmp_path / "timed" / METRICS).read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]
+    # The lr of each step is the cosine at the fraction of the time used before it: decreasing.
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert json.loads((tmp_path / "timed" / STATE_JSON).read_text())["elapsed_s"] == pytest.approx(summary["elapsed_s"])
+
+
 def test_resume_without_checkpoint_is_a_one_line_error(tiny_data, tmp_path):
     with pytest.raises(MaskrtError, match="no checkpoint") as info:
         train(tiny_config(tiny_data, tmp_path / "empty", epochs=1, resume=True))

@@ -6,6 +6,7 @@ exit status; user mistakes raise MaskrtError.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -70,7 +71,6 @@ def eval_command(args: argparse.Namespace) -> int:
         predictor = Predictor(args.model, conf=0.0)  # evaluation wants every kept detection
         predict = runtime_predict_fn(predictor)
         ids = predictor.metadata.get("category_ids")
-        import json
         category_ids = _category_ids_for(list(predictor.class_names), json.loads(ids) if ids else None, dataset)
         source = Path(args.model)
     metrics, results = evaluate_dataset(dataset, predict, category_ids, progress=sys.stderr.isatty())
