@@ -179,5 +179,5 @@ def test_ablation_writes_a_table_for_both_ops(tiny_data, tmp_path):
     text = report.read_text()
     assert "| align |" in text and "| pool |" in text and "mask AP75" in text
     rows = json.loads((tmp_path / "abl" / "report.json").read_text())["rows"]
-    assert rows["align"]["steps"] == rows["pool"]["steps"] == 1
+    assert rows["align"]["steps"] == rows["pool"]["steps"] == 2  # 0.5 epoch of 8 images, batch 2
     assert not math.isnan(rows["pool"]["metrics"]["segm/AP"])
