@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+# torchvision's bilinear rule, written once from the contract for every op's tests.
+from test_plugin_reference import bilinear_sample
+
 from maskrt.errors import MaskrtError
 from maskrt.model.ops import (
     fpn_level,
@@ -27,28 +30,6 @@ from maskrt.model.ops import (
 
 
 # ---------------------------------------------------------------- NumPy references (plain loops)
-def _bilinear_ref(fmap: np.ndarray, y: float, x: float) -> np.ndarray:
-    """fmap [C,H,W] float64; torchvision's bilinear rule, written from the contract."""
-    _, height, width = fmap.shape
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return np.zeros(fmap.shape[0])
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(math.floor(y)), int(math.floor(x))
-    if y_low >= height - 1:
-        y_low = y_high = height - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= width - 1:
-        x_low = x_high = width - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    return ((1 - ly) * (1 - lx) * fmap[:, y_low, x_low] + (1 - ly) * lx * fmap[:, y_low, x_high]
-            + ly * (1 - lx) * fmap[:, y_high, x_low] + ly * lx * fmap[:, y_high, x_high])
-
-
 def roi_align_ref(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, scale: float, sampling: int, aligned: bool, mode: str = "avg") -> np.ndarray:
     """feat [N,C,H,W], rois [K,5] -> [K,C,out_h,out_w], float64, one RoI/bin/sample at a time."""
     feat = feat.astype(np.float64)
@@ -69,7 +50,7 @@ def roi_align_ref(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, sc
                     y = y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
                     for ix in range(grid_w):
                         x = x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        values.append(_bilinear_ref(feat[int(b)], y, x))
+                        values.append(bilinear_sample(feat[int(b)], y, x))
                 if not values:
                     continue
                 if mode == "avg":

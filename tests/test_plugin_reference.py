@@ -25,7 +25,7 @@ def reference_level(box: Sequence[float], spatial_scales: Sequence[float], canon
     return int(min(max(k, k_min), k_max)) - k_min
 
 
-def _bilinear(feature_map: np.ndarray, y: float, x: float) -> np.ndarray:
+def bilinear_sample(feature_map: np.ndarray, y: float, x: float) -> np.ndarray:
     """[C,H,W] sampled at (y, x) with torchvision's border rule -> [C]."""
     height, width = feature_map.shape[1:]
     if y < -1.0 or y > height or x < -1.0 or x > width:
@@ -73,7 +73,7 @@ def reference_multilevel_roi_align(rois: np.ndarray, features: Sequence[np.ndarr
             grid_w = sampling_ratio if sampling_ratio > 0 else max(math.ceil(roi_w / output_width), 0)
             for ph in range(output_height):
                 for pw in range(output_width):
-                    values = [_bilinear(feature_map, y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h,
+                    values = [bilinear_sample(feature_map, y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h,
                                         x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w)
                               for iy in range(grid_h) for ix in range(grid_w)]
                     if not values:
