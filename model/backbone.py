@@ -82,6 +82,13 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
 
 
+def _projection_shortcut(in_channels: int, out_channels: int, stride: int, norm: NormKind) -> nn.Module | None:
+    """1x1 conv + norm where a block changes shape (keys `downsample.0`, `downsample.1`), else None."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(_conv1x1(in_channels, out_channels, stride), make_norm(norm, out_channels))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual (ResNet-18/34). Shapes: [N, in, H, W] -> [N, out, H/s, W/s]."""
 
@@ -97,10 +104,7 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(width, out_channels)
         self.bn2 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(_conv1x1(in_channels, out_channels, stride),
-                                            make_norm(norm, out_channels))
+        self.downsample = _projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -131,10 +135,7 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(width, out_channels)
         self.bn3 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(_conv1x1(in_channels, out_channels, stride),
-                                            make_norm(norm, out_channels))
+        self.downsample = _projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
