@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
     train.add_argument("--lr", type=float, help="base learning rate (preset default)")
+    train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)

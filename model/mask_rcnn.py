@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from maskrt.errors import MaskrtError
 from maskrt.model import ops
 from maskrt.model.fpn import BackboneWithFPN
-from maskrt.model.roi_heads import (FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor, MultiLevelRoIPooler,
-                                    RoIHeads, TwoMLPHead)
+from maskrt.model.roi_heads import (ConvFCHead, FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor,
+                                    MultiLevelRoIPooler, RoIHeads, TwoMLPHead)
 from maskrt.model.rpn import RegionProposalNetwork, RPNHead
 from maskrt.model.transform import batch_images, postprocess, resize_image, resize_target
 
@@ -39,7 +39,10 @@ class MaskRCNN(nn.Module):
     `representation_size` (TwoMLPHead width, 1024), `mask_layers` (mask FCN widths,
     (256,)*4), `mask_dim_reduced` (deconvolution width, 256), `roi_op` ("align" | "pool"),
     `roi_aligned` (half-pixel RoIAlign, detectron2's), `box_sampling_ratio`,
-    `mask_sampling_ratio` (RoIAlign points per bin axis; <= 0 adaptive), `class_names`.
+    `mask_sampling_ratio` (RoIAlign points per bin axis; <= 0 adaptive),
+    `roi_canonical_scale` (an RoI of this side pools from P4; the FPN paper's 224),
+    `box_head_convs` (widths of 3x3 convs before a single fc in the box head; empty: the
+    two-fc head), `class_names`.
     """
 
     def __init__(self, backbone: BackboneWithFPN, num_classes: int, class_names: Sequence[str] | None = None, *,
@@ -58,7 +61,8 @@ class MaskRCNN(nn.Module):
                  bbox_reg_weights: Sequence[float] | None = None,
                  representation_size: int = 1024, mask_layers: Sequence[int] = (256, 256, 256, 256),
                  mask_dim_reduced: int = 256, roi_op: str = "align", roi_aligned: bool = False,
-                 box_sampling_ratio: int = 2, mask_sampling_ratio: int = 2) -> None:
+                 box_sampling_ratio: int = 2, mask_sampling_ratio: int = 2,
+                 roi_canonical_scale: float = 224.0, box_head_convs: Sequence[int] = ()) -> None:
         super().__init__()
         if num_classes < 2:
             raise MaskrtError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
@@ -87,10 +91,11 @@ class MaskRCNN(nn.Module):
             {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
             rpn_nms_thresh, rpn_score_thresh)
-        box_pool = MultiLevelRoIPooler(7, box_sampling_ratio, roi_aligned, roi_op)
-        mask_pool = MultiLevelRoIPooler(14, mask_sampling_ratio, roi_aligned, roi_op)
+        box_pool = MultiLevelRoIPooler(7, box_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale)
+        mask_pool = MultiLevelRoIPooler(14, mask_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale)
         self.roi_heads = RoIHeads(
-            box_pool, TwoMLPHead(channels * 7 * 7, representation_size),
+            box_pool, (ConvFCHead(channels, box_head_convs, representation_size) if box_head_convs
+                       else TwoMLPHead(channels * 7 * 7, representation_size)),
             FastRCNNPredictor(representation_size, num_classes),
             box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
             bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,

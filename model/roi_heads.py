@@ -73,6 +73,28 @@ class TwoMLPHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x))))
 
 
+class ConvFCHead(nn.Sequential):
+    """3x3 conv + GroupNorm + ReLU per entry of `convs`, then one fc + ReLU (the layout of
+    torchvision's `FastRCNNConvFCHead`, GN for BN: keys `0.0.weight`, ..., `<n+1>.weight`).
+
+    Why convs before the fc: the weights of a conv are shared over the 7x7 grid, so a local
+    cue (a corner, a concavity) is learned once wherever it falls; an fc on the flattened grid
+    must learn it per position and per rotation, which shapes at random angles make slow.
+    Shapes: [R, in_channels, 7, 7] -> [R, representation_size]."""
+
+    def __init__(self, in_channels: int, convs: Sequence[int], representation_size: int, roi_size: int = 7) -> None:
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for width in convs:
+            blocks.append(conv_norm_act(channels, width, 3, norm="group", relu=True))
+            channels = width
+        super().__init__(*blocks, nn.Flatten(), nn.Linear(channels * roi_size * roi_size, representation_size),
+                         nn.ReLU(inplace=True))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
 class FastRCNNPredictor(nn.Module):
     """Class logits [R, K] and class-specific box deltas [R, 4K] from [R, in_channels]."""
 

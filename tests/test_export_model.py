@@ -189,9 +189,10 @@ def test_runtime_predictor_masks_match_eager(portable_path, model, bgr_images):
     inter = np.logical_and(detections.masks, eager_masks).sum((1, 2))
     union = np.logical_or(detections.masks, eager_masks).sum((1, 2))
     assert inter.sum() / union.sum() > 0.995
-    big = union >= 100  # a one-pixel flip moves a small mask's IoU by several percent
-    assert big.sum() >= 5 and (inter[big] / union[big]).min() > 0.99
-    # Every pixel that differs is one the eager model itself put on the 0.5 boundary.
+    assert (union >= 100).sum() >= 5  # enough sizeable masks for the check below to mean something
+    # Every pixel that differs is one the eager model itself put on the 0.5 boundary (a shifted
+    # or misscaled paste would flip pixels far from it). A random-init head can leave whole
+    # patches at logit ~0 (probability 0.5000010), so per-mask IoU is not the right measure.
     differs = detections.masks != eager_masks
     assert np.abs(probabilities[differs] - 0.5).max(initial=0.0) < 1e-3
 

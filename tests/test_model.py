@@ -18,7 +18,7 @@ from maskrt.model.matching import BalancedPositiveNegativeSampler, Matcher
 from maskrt.model.transform import (batch_images, paste_masks_in_image, resize_boxes, resize_image, resized_size)
 
 # A tiny edge-like model: every code path, a fraction of a second per forward on 2 cores.
-TINY = dict(min_size=96, max_size=96, backbone_width=8, fpn_channels=16, representation_size=64,
+TINY = dict(min_size=96, max_size=96, backbone_width=8, fpn_channels=16, representation_size=64, box_head_convs=[16],
             mask_layers=[16, 16], mask_dim_reduced=16, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=60,
             rpn_pre_nms_top_n_test=80, rpn_post_nms_top_n_test=40, box_batch_size_per_image=32,
             box_detections_per_img=12, box_score_thresh=0.5)
@@ -76,6 +76,35 @@ def test_r50_fpn_matches_torchvision_layout_and_parameter_count():
     assert model.roi_heads.box_head.fc6.in_features == 256 * 7 * 7
     assert model.rpn.head.cls_logits.out_channels == 3
     assert model.mask_size == 28 and model.detections_per_img == 100
+
+
+def test_edge_box_head_is_convs_then_fc_and_pools_by_its_own_level_rule():
+    model = build_model("edge", 4)
+    head = model.roi_heads.box_head
+    # torchvision's FastRCNNConvFCHead key layout: <i>.0 conv (no bias), <i>.1 norm, then the fc.
+    keys = set(head.state_dict())
+    assert {"0.0.weight", "0.1.weight", "1.0.weight", "1.1.bias", "3.weight", "3.bias"} <= keys
+    assert "0.0.bias" not in keys
+    torch.manual_seed(0)
+    roi_features = torch.randn(5, 64, 7, 7)
+    out = head(roi_features)
+    assert out.shape == (5, 256) and bool((out >= 0).all())
+    # The same computation written out: conv -> GroupNorm -> ReLU twice, flatten, fc, ReLU.
+    x = roi_features
+    for block in (head[0], head[1]):
+        x = torch.relu(torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, block[0].weight, padding=1),
+                                                      block[1].num_groups, block[1].weight, block[1].bias))
+    torch.testing.assert_close(out, torch.relu(head[3](x.flatten(1))))
+    # Level rule: the edge poolers map a 70 px box to P3 (224 would give P2), a 112 px box to P4.
+    pooler = model.roi_heads.box_roi_pool
+    assert pooler.canonical_scale == 112.0 == model.roi_heads.mask_roi_pool.canonical_scale
+    from maskrt.model.ops import fpn_level
+    boxes = torch.tensor([[0.0, 0.0, 70.0, 70.0], [0.0, 0.0, 112.0, 112.0]])
+    assert fpn_level(boxes, 2, 5, pooler.canonical_scale).tolist() == [3, 4]
+    assert fpn_level(boxes, 2, 5, 224.0).tolist() == [2, 3]
+    # r50_fpn keeps torchvision's two-fc head and 224.
+    r50 = build_model("r50_fpn", 3)
+    assert r50.roi_heads.box_roi_pool.canonical_scale == 224.0 and hasattr(r50.roi_heads.box_head, "fc6")
 
 
 def test_build_model_rejects_unknown_preset_and_option():
@@ -282,7 +311,9 @@ def heads_reference(heads, class_logits, box_deltas, proposals, image_sizes):
 
 @pytest.fixture(scope="module")
 def eval_model():
-    return tiny_model().eval()
+    # Seed 1: its random heads give some but not all of the 12 detection slots on the
+    # random test images (the tests below need both filled and empty slots).
+    return tiny_model(seed=1).eval()
 
 
 def test_rpn_fixed_shape_proposals_equal_list_reference(eval_model):
@@ -407,7 +438,7 @@ def test_train_forward_gives_five_finite_losses_with_gradients(roi_op):
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     for name in ("backbone.body.conv1.weight", "backbone.fpn.inner_blocks.0.0.weight", "rpn.head.cls_logits.weight",
-                 "roi_heads.box_head.fc6.weight", "roi_heads.mask_head.0.0.weight",
+                 "roi_heads.box_head.0.0.weight", "roi_heads.box_head.2.weight", "roi_heads.mask_head.0.0.weight",
                  "roi_heads.mask_predictor.mask_fcn_logits.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and float(grad.abs().sum()) > 0, name
