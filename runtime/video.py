@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -332,8 +333,24 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
     start = time.perf_counter()
     smoothed_fps = 0.0
     last_done = start
+    # Ctrl-C sets a flag that the loop reads between frames, so it never lands inside a frame's
+    # write (the saved count and the file would disagree by one). A second Ctrl-C interrupts at
+    # once. Handlers can only be installed from the main thread; elsewhere KeyboardInterrupt is
+    # caught below as before.
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
         for name, frame in source.frames():
+            if stop_requested.is_set():
+                break
             begin = time.perf_counter()
             overlay, text = process(frame)
             latency_ms = (time.perf_counter() - begin) * 1000.0
@@ -355,9 +372,14 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
                     break
             if max_frames is not None and stats.frames >= max_frames:
                 break
+            if stop_requested.is_set():
+                break
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        stats.interrupted = stats.interrupted or stop_requested.is_set()
         stats.wall_s = time.perf_counter() - start
         if sink is not None:
             sink.close()
