@@ -65,10 +65,10 @@ R50_FPN: dict[str, Any] = {
 # the width (stages of 32/64/128/256 channels), GroupNorm in backbone and FPN (batches of a
 # few images make BN statistics useless), FPN 64, anchors 16..256 for small objects in small
 # images, fewer proposals and RoIs and slimmer heads (the heads dominate CPU time).
-# Measured choices (docs/training.md, 10-minute runs): the RoI -> FPN level rule is halved
-# with the anchors (canonical side 112: a 70 px object pools from P3, not P2), +2.2 segm AP;
-# two 3x3 convs before the box head's fc, +3.6 segm AP (the fc-only head could not tell
-# triangles from stars at random rotations).
+# Measured choices (docs/training.md, one 10-minute run each; run-to-run spread ~3.5 AP): the
+# RoI -> FPN level rule is halved with the anchors (canonical side 112: a 70 px object pools
+# from P3, not P2), +2.2 segm AP; two 3x3 convs before the box head's fc, +3.6 segm AP (the
+# fc-only head could not tell triangles from stars at random rotations).
 EDGE: dict[str, Any] = {
     **R50_FPN,
     "backbone_depth": 18,

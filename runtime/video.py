@@ -344,9 +344,10 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
             raise KeyboardInterrupt
         stop_requested.set()
 
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGINT, request_stop)
+    # signal.signal may return None (a handler not set from Python), so whether one was
+    # installed is its own flag.
+    handler_installed = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if handler_installed else None
     try:
         for name, frame in source.frames():
             if stop_requested.is_set():
@@ -377,8 +378,8 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        if handler_installed:
+            signal.signal(signal.SIGINT, previous_handler if previous_handler is not None else signal.SIG_DFL)
         stats.interrupted = stats.interrupted or stop_requested.is_set()
         stats.wall_s = time.perf_counter() - start
         if sink is not None:
