@@ -11,8 +11,10 @@ import torch
 
 from maskrt.errors import MaskrtError
 from maskrt.train.synthetic import write_dataset
-from maskrt.train.trainer import (METRICS, STATE_JSON, STATE_TENSORS, WEIGHTS, TrainConfig, epoch_order, lr_at,
-                                  train)
+from maskrt.train.coco import CocoDataset
+from maskrt.train.trainer import (METRICS, STATE_JSON, STATE_TENSORS, WEIGHTS, BatchReader, Cursor, TrainConfig,
+                                  epoch_order, lr_at, train)
+from maskrt.train.transforms import masks_to_boxes
 
 # A tiny edge model: 96 px, narrow backbone and heads, few proposals. Fast on 2 cores.
 TINY = {
@@ -77,6 +79,23 @@ def test_epoch_order_is_a_seeded_permutation():
 
 
 @pytest.mark.slow
+def test_reader_shrinks_images_the_model_would_shrink_and_only_those(tiny_data, tmp_path):
+    dataset = CocoDataset(tiny_data, "train", drop_empty=True)
+    config = tiny_config(tiny_data, tmp_path, epochs=1, augment=False, batch_size=len(dataset))
+    original = BatchReader(dataset, config, Cursor()).next_batch()
+    shrunk = BatchReader(dataset, config, Cursor(), input_size=(48, 200)).next_batch()
+    kept = BatchReader(dataset, config, Cursor(), input_size=(200, 400)).next_batch()
+    for before, small, same in zip(original, shrunk, kept):
+        assert before.image.shape == (96, 96, 3) and small.image.shape == (48, 48, 3)
+        assert small.masks.shape[1:] == (48, 48)
+        # Boxes scale by one half; the halved masks' own tight boxes agree to a pixel.
+        np.testing.assert_allclose(small.boxes, before.boxes / 2, atol=1e-5)
+        np.testing.assert_allclose(masks_to_boxes(small.masks), small.boxes, atol=1.0)
+        # Area is kept to within the boundary pixels of a nearest-neighbour halving.
+        assert abs(int(small.masks.sum()) * 4 - int(before.masks.sum())) <= 0.1 * before.masks.sum()
+        assert np.array_equal(same.image, before.image) and np.array_equal(same.masks, before.masks)
+
+
 def test_smoke_run_loss_falls_and_checkpoints_load(tiny_data, tmp_path):
     from maskrt.model import load_model
 
@@ -142,6 +161,20 @@ def test_time_budget_stops_on_time_with_the_schedule_fitted_to_it(tiny_data, tmp
 def test_resume_without_checkpoint_is_a_one_line_error(tiny_data, tmp_path):
     with pytest.raises(MaskrtError, match="no checkpoint") as info:
         train(tiny_config(tiny_data, tmp_path / "empty", epochs=1, resume=True))
+    assert "\n" not in str(info.value)
+
+
+def test_resume_from_an_optimiser_state_of_another_layout_is_a_one_line_error(tiny_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "old"
+    train(tiny_config(tiny_data, run, epochs=0.25, checkpoint_every=1))
+    state = load_file(str(run / STATE_TENSORS))
+    # Keys that are not `<parameter>::<field>` (here bare indices): nothing to restore them to.
+    save_file({str(index): value for index, value in enumerate(state.values())}, str(run / STATE_TENSORS),
+              metadata={"step": "1"})
+    with pytest.raises(MaskrtError, match="names no parameter") as info:
+        train(tiny_config(tiny_data, run, epochs=0.5, resume=True))
     assert "\n" not in str(info.value)
 
 
