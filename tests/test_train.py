@@ -78,7 +78,6 @@ def test_epoch_order_is_a_seeded_permutation():
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
 
 
-@pytest.mark.slow
 def test_reader_shrinks_images_the_model_would_shrink_and_only_those(tiny_data, tmp_path):
     dataset = CocoDataset(tiny_data, "train", drop_empty=True)
     config = tiny_config(tiny_data, tmp_path, epochs=1, augment=False, batch_size=len(dataset))
@@ -96,6 +95,7 @@ def test_reader_shrinks_images_the_model_would_shrink_and_only_those(tiny_data, 
         assert np.array_equal(same.image, before.image) and np.array_equal(same.masks, before.masks)
 
 
+@pytest.mark.slow
 def test_smoke_run_loss_falls_and_checkpoints_load(tiny_data, tmp_path):
     from maskrt.model import load_model
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from maskrt.errors import MaskrtError
-from maskrt.model.transform import resize_scale, resized_size
+from maskrt.model.transform import resized_size
 from maskrt.train.coco import CocoDataset, Sample
 from maskrt.train.transforms import resize, train_augment
 
@@ -209,8 +209,9 @@ class BatchReader:
         sample = self.dataset[index]
         if sample is not None and self.input_size is not None:
             height, width = sample.image.shape[:2]
-            if resize_scale(height, width, *self.input_size) < 1:
-                sample = resize(sample, *resized_size(height, width, *self.input_size))
+            new_height, new_width = resized_size(height, width, *self.input_size)
+            if new_height < height or new_width < width:  # only a scale below 1 makes either side smaller
+                sample = resize(sample, new_height, new_width)
         return sample
 
     def next_batch(self) -> list[Sample]:
