@@ -42,7 +42,8 @@ class MaskRCNN(nn.Module):
     `mask_sampling_ratio` (RoIAlign points per bin axis; <= 0 adaptive),
     `roi_canonical_scale` (an RoI of this side pools from P4; the FPN paper's 224),
     `box_head_convs` (widths of 3x3 convs before a single fc in the box head; empty: the
-    two-fc head), `class_names`.
+    two-fc head), `mask_positives_per_image` (training only: at most this many positive RoIs
+    per image, a random subset, train the mask head; None: all, as torchvision), `class_names`.
     """
 
     def __init__(self, backbone: BackboneWithFPN, num_classes: int, class_names: Sequence[str] | None = None, *,
@@ -62,10 +63,13 @@ class MaskRCNN(nn.Module):
                  representation_size: int = 1024, mask_layers: Sequence[int] = (256, 256, 256, 256),
                  mask_dim_reduced: int = 256, roi_op: str = "align", roi_aligned: bool = False,
                  box_sampling_ratio: int = 2, mask_sampling_ratio: int = 2,
-                 roi_canonical_scale: float = 224.0, box_head_convs: Sequence[int] = ()) -> None:
+                 roi_canonical_scale: float = 224.0, box_head_convs: Sequence[int] = (),
+                 mask_positives_per_image: int | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise MaskrtError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        if mask_positives_per_image is not None and mask_positives_per_image < 1:
+            raise MaskrtError(f"mask_positives_per_image must be >= 1 or None (all), got {mask_positives_per_image}")
         names = list(class_names) if class_names is not None else default_class_names(num_classes)
         if len(names) != num_classes:
             raise MaskrtError(f"{len(names)} class names for {num_classes} classes (include '__background__' first)")
@@ -100,7 +104,7 @@ class MaskRCNN(nn.Module):
             box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
             bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
             mask_pool, MaskRCNNHeads(channels, mask_layers),
-            MaskRCNNPredictor(mask_layers[-1], mask_dim_reduced, num_classes))
+            MaskRCNNPredictor(mask_layers[-1], mask_dim_reduced, num_classes), mask_positives_per_image)
 
     @property
     def mask_size(self) -> int:

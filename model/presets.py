@@ -59,6 +59,7 @@ R50_FPN: dict[str, Any] = {
     "mask_sampling_ratio": 2,
     "roi_canonical_scale": 224.0,
     "box_head_convs": [],
+    "mask_positives_per_image": None,
 }
 
 # A small detector trained from scratch on 2 CPU cores at 256 px: the ResNet-18 layout at half
@@ -95,6 +96,9 @@ EDGE: dict[str, Any] = {
     "representation_size": 256,
     "mask_layers": [64, 64, 64, 64],
     "mask_dim_reduced": 64,
+    # Training only: at most 16 positive RoIs per image train the mask head (up to 32 are
+    # sampled, several per object); late in a run this cut a step from 205 to 181 ms.
+    "mask_positives_per_image": 16,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"r50_fpn": R50_FPN, "edge": EDGE}

@@ -167,7 +167,8 @@ class RoIHeads(nn.Module):
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
                  positive_fraction: float, bbox_reg_weights: Sequence[float] | None, score_thresh: float,
                  nms_thresh: float, detections_per_img: int, mask_roi_pool: MultiLevelRoIPooler,
-                 mask_head: MaskRCNNHeads, mask_predictor: MaskRCNNPredictor) -> None:
+                 mask_head: MaskRCNNHeads, mask_predictor: MaskRCNNPredictor,
+                 mask_positives_per_image: int | None = None) -> None:
         super().__init__()
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
@@ -182,6 +183,7 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+        self.mask_positives_per_image = mask_positives_per_image
 
     # --- inference ------------------------------------------------------------------------
 
@@ -286,11 +288,17 @@ class RoIHeads(nn.Module):
     def _mask_loss(self, features: list[Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
                    labels: list[Tensor], padded_size: tuple[int, int],
                    targets: list[dict[str, Tensor]]) -> Tensor:
-        """BCE-with-logits of the gt class's 28x28 mask on positive RoIs; targets are the gt
+        """BCE-with-logits of the gt class's 28x28 mask on positive RoIs (at most
+        `mask_positives_per_image` per image, a random subset); targets are the gt
         masks roi_align'ed into each RoI (torchvision's `project_masks_on_boxes`)."""
         positive_boxes, positive_classes, mask_targets = [], [], []
+        cap = self.mask_positives_per_image
         for image, (boxes, matched, image_labels) in enumerate(zip(proposals, matched_idxs, labels)):
             positive = torch.where(image_labels > 0)[0]
+            if cap is not None and positive.numel() > cap:
+                # A random subset: an object has many overlapping positive RoIs, so fewer of
+                # them lose little mask signal and bound the mask branch's cost.
+                positive = positive[torch.randperm(positive.numel(), device=positive.device)[:cap]]
             positive_boxes.append(boxes[positive])
             positive_classes.append(image_labels[positive])
             gt_masks = targets[image]["masks"]

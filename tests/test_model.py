@@ -116,6 +116,8 @@ def test_build_model_rejects_unknown_preset_and_option():
         build_model("edge", 3, ["__background__", "a"])
     with pytest.raises(MaskrtError, match="roi_op"):
         build_model("edge", 3, roi_op="warp")
+    with pytest.raises(MaskrtError, match="mask_positives_per_image"):
+        build_model("edge", 3, mask_positives_per_image=0)
 
 
 # --- backbone pieces --------------------------------------------------------------------------
@@ -582,3 +584,28 @@ def test_head_losses_with_zero_predictors_are_uniform_entropies():
     assert abs(losses["loss_classifier"] - math.log(3)) < 1e-5
     assert abs(losses["loss_mask"] - math.log(2)) < 1e-5
     assert losses["loss_box_reg"] == 0.0
+
+
+def test_mask_positives_per_image_caps_the_rois_that_train_the_mask_head():
+    """Many positive proposals per object: the mask head sees all sampled positives without
+    a cap, a random `mask_positives_per_image` of them with one, and a cap above the count
+    changes nothing."""
+    image, target = two_shapes()
+    jitter = torch.tensor([[dx, dy, dx, dy] for dx in (-2.0, 0.0, 2.0) for dy in (-2.0, 0.0, 2.0)])
+    proposals = [(target["boxes"][:, None, :] + jitter[None]).reshape(-1, 4)]  # 18, IoU > 0.5 with their gt
+
+    def mask_loss_and_rois(cap):
+        model = tiny_model(mask_positives_per_image=cap).train()
+        seen = []
+        model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+        features = model.backbone(model.normalize(image[None]))
+        torch.manual_seed(5)
+        losses = model.roi_heads.losses(features[:-1], proposals, (96, 96), [target])
+        return float(losses["loss_mask"].detach()), seen[0]
+
+    positives = 32 * 0.25  # TINY: 32 RoIs per image, at most a quarter positive
+    full_loss, full_rois = mask_loss_and_rois(None)
+    assert full_rois == positives
+    capped_loss, capped_rois = mask_loss_and_rois(3)
+    assert capped_rois == 3 and math.isfinite(capped_loss)
+    assert mask_loss_and_rois(100) == (full_loss, full_rois)

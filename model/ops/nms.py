@@ -25,8 +25,8 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
         raise MaskrtError(f"nms scores must be Tensor[N] matching boxes [N,4], got {tuple(scores.shape)} for {tuple(boxes.shape)}")
 
 
-def _overlap_matrix(boxes: Tensor, iou_threshold: float, groups: Tensor | None) -> Tensor:
-    """Bool [N,N]: True where IoU > threshold (and, with groups, both boxes share a group)."""
+def _overlap_matrix(boxes: Tensor, iou_threshold: float) -> Tensor:
+    """Bool [N,N]: True where IoU > threshold."""
     n = boxes.shape[0]
     boxes = boxes.float() if boxes.dtype not in (torch.float32, torch.float64) else boxes
     x1, y1, x2, y2 = boxes.unbind(1)
@@ -40,18 +40,15 @@ def _overlap_matrix(boxes: Tensor, iou_threshold: float, groups: Tensor | None) 
         inter = inter_w.mul_(inter_h)
         union = (areas[start:stop, None] + areas[None, :]).sub_(inter)
         # NaN (0/0 for two empty boxes) compares False: they never suppress each other.
-        block = inter.div_(union) > iou_threshold
-        if groups is not None:
-            block &= groups[start:stop, None] == groups[None, :]
-        overlap[start:stop] = block
+        overlap[start:stop] = inter.div_(union) > iou_threshold
     return overlap
 
 
-def _greedy_keep(sorted_boxes: Tensor, iou_threshold: float, sorted_groups: Tensor | None) -> Tensor:
+def _greedy_keep(sorted_boxes: Tensor, iou_threshold: float) -> Tensor:
     """Positions (into the sorted order) of the boxes greedy NMS keeps, increasing."""
     n = sorted_boxes.shape[0]
     # Only a higher-scored box (earlier position) can suppress a later one.
-    overlap = _overlap_matrix(sorted_boxes, iou_threshold, sorted_groups).triu_(diagonal=1)
+    overlap = _overlap_matrix(sorted_boxes, iou_threshold).triu_(diagonal=1)
     # The greedy pass is inherently sequential; it runs on a host copy of the bool matrix
     # (a NumPy view, no copy on CPU) because per-element torch calls cost ~50x more.
     # Work is one row-OR per kept box: O(N * kept).
@@ -76,7 +73,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    keep_sorted = _greedy_keep(boxes.detach()[order], float(iou_threshold), None)
+    keep_sorted = _greedy_keep(boxes.detach()[order], float(iou_threshold))
     return order[keep_sorted]
 
 
@@ -87,7 +84,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     each other; the kept indices come by decreasing score. torchvision gets the grouping with
     its coordinate-offset trick (shift each group's boxes apart by ``idx * (max_coord + 1)``),
     which rounds the shifted coordinates in float32 for large offsets; here the group test
-    is applied to the overlap matrix directly, which is the exact form of the same rule.
+    is applied exactly, by running each group on its own.
     """
     _check_nms_inputs(boxes, scores)
     if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
@@ -95,5 +92,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    keep_sorted = _greedy_keep(boxes.detach()[order], float(iou_threshold), idxs[order])
+    sorted_boxes, sorted_groups = boxes.detach()[order], idxs[order]
+    # Groups never interact, so each group's NMS runs on its own: G small overlap matrices
+    # instead of one [N, N] (the RPN's 5 levels: 1/5 of the pairs).
+    kept = []
+    for group in torch.unique(sorted_groups):
+        members = torch.where(sorted_groups == group)[0]  # increasing = by decreasing score
+        kept.append(members[_greedy_keep(sorted_boxes[members], float(iou_threshold))])
+    keep_sorted = torch.sort(torch.cat(kept)).values
     return order[keep_sorted]
