@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
     train.add_argument("--lr", type=float, help="base learning rate (preset default)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
+    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                       help="forward in bf16 autocast or fp32; auto: bf16 where the CPU has native bf16")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)

@@ -108,7 +108,8 @@ def _write_report(out: Path, log: StepLog, minutes: float) -> Path:
     if state:
         lines += ["## Training", "",
                   f"- `edge` preset, {state.get('step', 'n/a')} steps of batch "
-                  f"{state.get('config', {}).get('batch_size', '?')}, "
+                  f"{state.get('config', {}).get('batch_size', '?')} "
+                  f"({state.get('config', {}).get('precision', 'fp32')} forward), "
                   f"{float(state.get('elapsed_s', 0.0)) / 60:.1f} min wall on this machine",
                   "- losses per step: `train/metrics.jsonl`; weights: `train/model.safetensors`", ""]
 

@@ -115,3 +115,25 @@ def test_nms_padded_rejects_bad_shapes():
     boxes, scores, groups = _detections(2, 5)
     with pytest.raises(MaskrtError, match="nms_padded"):
         nms_padded(boxes[0], scores, groups, 0.5, 0.0, 3)
+
+
+def test_multilevel_roi_align_computes_in_float32_under_bf16_autocast():
+    # bf16 training (the trainer's CPU autocast) hands the op bf16 feature maps; the op must
+    # still sample and accumulate in float32 (its contract), forward and backward, including
+    # the window form's bmm, which autocast would otherwise run in bf16.
+    torch.manual_seed(0)
+    features = [torch.randn(2, 8, 64 // s, 64 // s).bfloat16().requires_grad_() for s in (1, 2, 4, 8)]
+    rois = _rois(2, 12, seed=3) / 4  # small RoIs: 14x14 bins take the window form
+    reference = [f.detach().float().requires_grad_() for f in features]
+    expected = multilevel_roi_align(rois, reference, SCALES, 14, 14, 2, False, 56.0)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multilevel_roi_align(rois, features, SCALES, 14, 14, 2, False, 56.0)
+        (out * weights).sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, want in zip(features, reference):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad, want.grad.bfloat16(), rtol=0, atol=0)
+    assert sum(float(f.grad.abs().sum()) > 0 for f in features) >= 2  # RoIs on several levels

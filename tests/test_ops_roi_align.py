@@ -398,3 +398,21 @@ def test_multilevel_roi_pool_uses_the_level_rule():
         level = min(max(math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6), 2), 5)
         expected = roi_pool_ref(features[level - 2].numpy(), np.array([[0, x1, y1, x2, y2]]), 2, 2, 2.0 ** -level)
         np.testing.assert_allclose(out[0, r].numpy(), expected[0], rtol=0, atol=0)
+
+
+def test_roi_align_is_unchanged_under_bf16_autocast():
+    # The trainer's bf16 mode runs the model under CPU autocast; the mask targets are RoIAligned
+    # ground-truth masks. Small RoIs at 28x28 take the window form, whose bmm autocast would
+    # run in bf16: the op turns autocast off, so forward and gradient are bit-identical.
+    torch.manual_seed(0)
+    masks = (torch.rand(3, 1, 40, 40) > 0.5).float().requires_grad_()
+    rois = torch.tensor([[0, 2.0, 3.0, 14.0, 12.0], [1, 5.5, 1.25, 30.0, 33.0], [2, 0.0, 0.0, 9.0, 9.0]])
+    weights = torch.randn(3, 1, 28, 28)
+    expected = roi_align(masks, rois, 28, 1.0, 2)
+    (expected * weights).sum().backward()
+    expected_grad, masks.grad = masks.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(masks, rois, 28, 1.0, 2)
+        (out * weights).sum().backward()
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected) and torch.equal(masks.grad, expected_grad)

@@ -72,6 +72,47 @@ def test_config_rejects_bad_budgets():
         TrainConfig(data="d", out="o", minutes=0)
 
 
+def test_precision_auto_follows_the_cpu_and_bad_values_are_one_line_errors(monkeypatch):
+    import maskrt.train.trainer as trainer
+
+    for native, resolved in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+        assert TrainConfig(data="d", out="o", minutes=1).precision == resolved
+        assert TrainConfig(data="d", out="o", minutes=1, precision="fp32").precision == "fp32"
+    with pytest.raises(MaskrtError, match="--precision must be auto, bf16 or fp32"):
+        TrainConfig(data="d", out="o", minutes=1, precision="fp16")
+
+
+def test_bf16_autocast_losses_and_gradients_follow_float32(tiny_data, tmp_path):
+    # The same model, batch and sampler seed in fp32 and under the trainer's bf16 autocast:
+    # bf16 rounds activations to 8 mantissa bits, so losses agree to a few per cent and the
+    # gradient points the same way; parameters and their gradients stay float32.
+    from maskrt.train.trainer import make_model, to_model_inputs
+
+    config = tiny_config(tiny_data, tmp_path, epochs=1, augment=False)
+    dataset = CocoDataset(tiny_data, "train", drop_empty=True)
+    torch.manual_seed(0)
+    model = make_model(config, dataset).train()
+    images, targets = zip(*(to_model_inputs(s) for s in BatchReader(dataset, config, Cursor()).next_batch()))
+
+    def losses_and_gradient(bf16: bool) -> tuple[dict[str, float], torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = model(list(images), list(targets))
+        sum(v.float() for v in losses.values()).backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        return {k: float(v.detach()) for k, v in losses.items()}, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    fp32_losses, fp32_grad = losses_and_gradient(False)
+    bf16_losses, bf16_grad = losses_and_gradient(True)
+    for name, value in fp32_losses.items():
+        assert bf16_losses[name] == pytest.approx(value, rel=0.05, abs=1e-3), name
+    cosine = float(torch.nn.functional.cosine_similarity(fp32_grad, bf16_grad, dim=0))
+    assert cosine > 0.95, cosine
+    assert not torch.equal(fp32_grad, bf16_grad)  # autocast did change the arithmetic
+
+
 def test_epoch_order_is_a_seeded_permutation():
     a, b, c = epoch_order(1, 0, 10), epoch_order(1, 0, 10), epoch_order(1, 1, 10)
     assert sorted(a.tolist()) == list(range(10))

@@ -99,6 +99,10 @@ class TrainConfig:
     augment: bool = True
     scale_range: tuple[float, float] = (0.6, 1.5)
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # "bf16": forward under CPU autocast to bfloat16 (weights, gradients, optimiser and losses
+    # stay float32); "fp32"; "auto": bf16 where the CPU has native bf16 dot products
+    # (AVX512-BF16 / AMX), else fp32. Resolved once, in __post_init__.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         defaults = PRESET_DEFAULTS.get(self.preset)
@@ -126,6 +130,10 @@ class TrainConfig:
             raise MaskrtError(f"budget_clock must be wall or process_cpu, got {self.budget_clock!r}")
         if self.schedule not in ("cosine", "step"):
             raise MaskrtError(f"schedule must be cosine or step, got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise MaskrtError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision == "auto":
+            self.precision = "bf16" if cpu_has_native_bf16() else "fp32"
         self.scale_range = tuple(self.scale_range)  # JSON round trip gives a list
 
     @classmethod
@@ -133,8 +141,19 @@ class TrainConfig:
         return cls(data=args.data, out=args.out, preset=args.config, epochs=args.epochs, minutes=args.minutes,
                    weights=args.weights, resume=args.resume, roi_op=args.roi_op, seed=args.seed,
                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                   checkpoint_every=args.checkpoint_every,
+                   checkpoint_every=args.checkpoint_every, precision=args.precision,
                    progress=not args.no_progress)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), read
+    from /proc/cpuinfo. Without them oneDNN converts bf16 in software: no gain is expected
+    there (not measured), so "auto" stays float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- schedule -----------------------------------------------------------------------------
@@ -430,7 +449,9 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
             # The model's own sampling (RPN / RoI balanced samplers) is seeded per step.
             torch.manual_seed(config.seed * 1_000_003 + cursor.step)
             images, targets = zip(*(to_model_inputs(s) for s in batch))
-            losses = model(list(images), list(targets))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                losses = model(list(images), list(targets))
+            losses = {k: v.float() for k, v in losses.items()}
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise MaskrtError(f"training diverged at step {cursor.step} (loss {float(loss)}): lower --lr")

@@ -10,6 +10,8 @@ The model's inference path calls exactly these two for its dynamic work. Each is
   same sample plan as the forward (``roi_align_backward``). Autograd cannot run inside a
   custom op's kernel, and a separate op keeps traced backward graphs (AOT autograd,
   torch.compile) free of the data-dependent per-level gather.
+- an autocast rule for the RoIAlign pair: under CPU autocast (the trainer's bf16 mode) they
+  take float32 inputs and run with autocast off, so sampling and accumulation stay float32.
 
 The contract both honour is in ``docs/design.md`` and ``plugins/README.md``.
 """
@@ -92,6 +94,12 @@ def _multilevel_roi_align_backward(ctx, grad_output: Tensor) -> tuple:
 
 
 multilevel_roi_align.register_autograd(_multilevel_roi_align_backward, setup_context=_multilevel_roi_align_setup)
+
+# Under CPU autocast (bf16 training) RoIAlign and its gradient take float32 inputs and run with
+# autocast off: the contract accumulates in float32, and a bf16 bmm inside would round the
+# bilinear weights (8 mantissa bits) and hand float32 accumulators bf16 rows.
+torch.library.register_autocast(multilevel_roi_align, "cpu", torch.float32)
+torch.library.register_autocast(multilevel_roi_align_backward, "cpu", torch.float32)
 
 
 @torch.library.custom_op("maskrt::nms_padded", mutates_args=())

@@ -395,10 +395,12 @@ def roi_align(
     ``sampling_ratio <= 0`` = adaptive (ceil(roi_h/ph) x ceil(roi_w/pw) samples per bin).
     ``mode="max"`` takes the max of the bin's bilinear samples (a sample outside the map is 0).
     Differentiable w.r.t. ``input`` (not the boxes, as torchvision), via ``roi_align_backward``.
-    float16 input is computed in float32 and returned as float16.
+    float16 input is computed in float32 and returned as float16. Autocast is off inside
+    (its bf16 bmm would round the bilinear weights): the result is the same under autocast.
     """
     rois, pooled, compute = _prepare(input, boxes, output_size, mode)
-    return _RoIAlignFunction.apply(input, rois, pooled, float(spatial_scale), int(sampling_ratio), bool(aligned), mode)
+    with torch.autocast(input.device.type, enabled=False):
+        return _RoIAlignFunction.apply(input, rois, pooled, float(spatial_scale), int(sampling_ratio), bool(aligned), mode)
 
 
 def roi_align_backward(
@@ -415,8 +417,14 @@ def roi_align_backward(
     grad_output [K,C,ph,pw], input [N,C,H,W] (its values are read only for mode "max",
     to find each bin's arg-max sample) -> grad_input [N,C,H,W]. avg spreads each bin's
     gradient over its samples' 4 corners with the bilinear weights / count; max sends it to
-    the corners of the first arg-max sample.
+    the corners of the first arg-max sample. Autocast is off inside, as in ``roi_align``.
     """
+    with torch.autocast(input.device.type, enabled=False):
+        return _roi_align_backward(grad_output, input, boxes, spatial_scale, sampling_ratio, aligned, mode)
+
+
+def _roi_align_backward(grad_output: Tensor, input: Tensor, boxes: Tensor | Sequence[Tensor], spatial_scale: float,
+                        sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
     rois, (ph, pw), compute = _prepare(input, boxes, tuple(grad_output.shape[-2:]), mode)
     n, channels, height, width = input.shape
     grad_rows = torch.zeros((n * height * width, channels), dtype=compute, device=input.device)
