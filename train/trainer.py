@@ -450,8 +450,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
             torch.manual_seed(config.seed * 1_000_003 + cursor.step)
             images, targets = zip(*(to_model_inputs(s) for s in batch))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                losses = model(list(images), list(targets))
-            losses = {k: v.float() for k, v in losses.items()}
+                losses = model(list(images), list(targets))  # float32: autocast runs losses in fp32
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise MaskrtError(f"training diverged at step {cursor.step} (loss {float(loss)}): lower --lr")
