@@ -18,9 +18,12 @@ final class/box/mask predictors) stays float32. Inputs and outputs stay float32.
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
+import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx
 
@@ -185,6 +188,40 @@ def _calibrator_class():
     return MaskrtMinMaxCalibrater
 
 
+# ONNX Runtime's quantize_static logs this advice on the root logger for every graph that did not
+# go through its pre-processing script. The user cannot act on it here: our passes choose the
+# nodes themselves and the graph's shapes are already inferred.
+QUANT_PREPROCESS_ADVICE = "pre-processing before quantization"
+
+
+class _DropQuantPreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return QUANT_PREPROCESS_ADVICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def without_quant_preprocess_advice() -> Iterator[None]:
+    """Drop ONNX Runtime's pre-processing advice from the root logger; every other record passes.
+
+    `logging.warning` configures the root logger (a stderr handler, for good) when it has no
+    handler; a temporary stderr handler stands in for that, so records other than the advice
+    still reach stderr and nothing is left configured afterwards."""
+    root = logging.getLogger()
+    advice_filter = _DropQuantPreprocessAdvice()
+    stand_in = None
+    if not root.handlers:
+        stand_in = logging.StreamHandler(sys.stderr)
+        stand_in.setLevel(logging.WARNING)
+        root.addHandler(stand_in)
+    root.addFilter(advice_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice_filter)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
+
+
 def _has_custom_nodes(model_proto: onnx.ModelProto) -> bool:
     return any(n.domain not in ("", "ai.onnx") for n in model_proto.graph.node)
 
@@ -215,15 +252,16 @@ def to_int8(model_proto: onnx.ModelProto, calib_dir: str | Path | None, input_si
         save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
         int8_path = tmp_dir / "int8.onnx"
-        quantize_static(
-            str(fp32_path), str(int8_path), calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=to_quantize, op_types_to_quantize=list(INT8_OP_TYPES), calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(cache),
-            # Symmetric activations (zero point 0) are what TensorRT's explicit quantization takes.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        with without_quant_preprocess_advice():
+            quantize_static(
+                str(fp32_path), str(int8_path), calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_quantize=to_quantize, op_types_to_quantize=list(INT8_OP_TYPES), calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+                # Symmetric activations (zero point 0) are what TensorRT's explicit quantization takes.
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
         quantized = onnx.load(int8_path)
     return quantized
 

@@ -82,6 +82,16 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_command(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from maskrt.model.commands import convert_command
+    return convert_command(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from maskrt.doctor import doctor_command
+    return doctor_command(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from maskrt.demo import demo_command
     return demo_command(args)
@@ -89,88 +99,133 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- the parser ---------------------------------------------------------------------------
 
+def _verb(verbs: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A verb whose `--help` starts with `help` and ends with `example` (one or more command lines)."""
+    return verbs.add_parser(name, help=help, description=help, epilog="example:\n  " + example.replace("\n", "\n  "),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrt",
         description="Mask R-CNN: train in PyTorch, export to ONNX, build TensorRT engines, run torch-free.",
+        epilog="start here: maskrt doctor   (what this machine has; docs/jetson.md for Jetson)\n"
+               "example:\n  maskrt demo --out runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"maskrt {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
 
     # data
-    data = verbs.add_parser("data", help="datasets: generate synthetic COCO data")
+    data = _verb(verbs, "data", "datasets: generate synthetic COCO data",
+                 "maskrt data synth --out data/shapes --train 600 --val 100 --size 256")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="<action>")
-    synth = data_verbs.add_parser("synth", help="write a synthetic COCO instance-segmentation dataset")
+    synth = _verb(data_verbs, "synth", "write a synthetic COCO instance-segmentation dataset",
+                  "maskrt data synth --out data/shapes --train 600 --val 100 --size 256")
     synth.add_argument("--out", required=True, help="output folder (COCO short layout)")
-    synth.add_argument("--train", type=int, default=200, help="training images")
-    synth.add_argument("--val", type=int, default=50, help="validation images")
-    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=int, default=200, help="training images (default: 200)")
+    synth.add_argument("--val", type=int, default=50, help="validation images (default: 50)")
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same images")
     synth.set_defaults(handler=_data_synth)
 
     # train
-    train = verbs.add_parser("train", help="train a Mask R-CNN on COCO-format data")
+    train = _verb(verbs, "train", "train a Mask R-CNN on COCO-format data",
+                  "maskrt train --data data/shapes --config edge --minutes 10 --out runs/edge")
     train.add_argument("--data", required=True, help="COCO folder (2017 layout or the short one)")
-    train.add_argument("--config", default="edge", choices=["edge", "r50_fpn"], help="model preset")
+    train.add_argument("--config", default="edge", choices=["edge", "r50_fpn"],
+                       help="model preset: edge (small, fast) or r50_fpn (torchvision's) (default: edge)")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="training length in epochs")
     budget.add_argument("--minutes", type=float, help="training length in wall-clock minutes")
     train.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl")
     train.add_argument("--weights", help="initial weights (maskrt .safetensors)")
     train.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
-    train.add_argument("--roi-op", default="align", choices=["align", "pool"], help="RoI feature op")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--roi-op", default="align", choices=["align", "pool"],
+                       help="RoI feature op: RoIAlign or RoIPool (default: align)")
+    train.add_argument("--seed", type=int, default=0, help="random seed of weights, data order and sampling")
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
     train.add_argument("--lr", type=float, help="base learning rate (preset default)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
     train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                        help="forward in bf16 autocast or fp32; auto: bf16 where the CPU has native bf16")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (in a log the bar is already one line every 10 s)")
     train.set_defaults(handler=_train)
 
     # eval
-    ev = verbs.add_parser("eval", help="COCO bbox and segm AP of a model on a dataset")
+    ev = _verb(verbs, "eval", "COCO bbox and segm AP of a model on a dataset",
+               "maskrt eval --weights runs/edge/model.safetensors --data data/shapes\n"
+               "maskrt eval --model model.onnx --data data/shapes")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="maskrt weights (.safetensors), evaluated in PyTorch")
     source.add_argument("--model", help="exported model (.onnx), evaluated with the torch-free runtime")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--data", required=True, help="COCO folder (2017 layout or the short one)")
+    ev.add_argument("--split", default="val", help="which split of --data to evaluate (default: val)")
     ev.add_argument("--out", help="JSON file for the metrics (default: beside the weights/model)")
     ev.set_defaults(handler=_eval)
 
     # predict
-    pr = verbs.add_parser("predict", help="overlay pictures and COCO results for images")
-    pr.add_argument("--weights", required=True)
+    pr = _verb(verbs, "predict", "overlay pictures and COCO results for images",
+               "maskrt predict --weights runs/edge/model.safetensors data/shapes/val --out runs/pred")
+    pr.add_argument("--weights", required=True, help="maskrt weights (.safetensors)")
     pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--conf", type=float, default=0.5)
+    pr.add_argument("--out", required=True, help="folder for the overlays and results.json")
+    pr.add_argument("--conf", type=float, default=0.5, help="lowest score drawn and written (default: 0.5)")
     pr.set_defaults(handler=_predict)
 
     # ablate
-    ab = verbs.add_parser("ablate", help="RoIAlign vs RoIPool: train both, compare mask AP")
+    ab = _verb(verbs, "ablate", "RoIAlign vs RoIPool: train both, compare mask AP", "maskrt ablate --minutes 4")
     ab.add_argument("--data", help="COCO folder (default: generate a synthetic one)")
     ab.add_argument("--minutes", type=float, default=4.0, help="training budget per model")
-    ab.add_argument("--out", default="runs/ablation")
-    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--out", default="runs/ablation", help="folder for both runs and report.md (default: runs/ablation)")
+    ab.add_argument("--seed", type=int, default=0, help="random seed shared by both runs")
     ab.set_defaults(handler=_ablate)
 
+    # convert
+    co = _verb(verbs, "convert", "convert a torchvision or detectron2 Mask R-CNN R50-FPN checkpoint to maskrt weights",
+               "maskrt convert --from detectron2 model_final_f10217.pkl --out r50_fpn.safetensors\n"
+               "maskrt convert --from torchvision maskrcnn_resnet50_fpn_coco.pth --out r50_fpn.safetensors")
+    co.add_argument("--from", dest="source", required=True, choices=["torchvision", "detectron2"],
+                    help="checkpoint kind: torchvision .pth state dict, or detectron2 model-zoo .pkl (or .pth)")
+    co.add_argument("checkpoint", help="the checkpoint file")
+    co.add_argument("--out", required=True, help="maskrt weights to write (.safetensors)")
+    co.add_argument("--num-classes", type=int,
+                    help="classes including background (torchvision default: 91; detectron2: read from the file)")
+    co.add_argument("--class-names", metavar="FILE",
+                    help="class names, one per line (or a JSON list), background first or left out "
+                         "(default: COCO's for COCO-sized heads)")
+    co.add_argument("--input-format", default="BGR", choices=["BGR", "RGB"],
+                    help="detectron2's INPUT.FORMAT the checkpoint was trained with (default: BGR, the model zoo's)")
+    co.set_defaults(handler=_convert)
+
     # export
-    ex = verbs.add_parser("export", help="export weights to an ONNX graph (portable or TensorRT target)")
-    ex.add_argument("--weights", required=True)
-    ex.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"])
-    ex.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    ex = _verb(verbs, "export", "export weights to an ONNX graph (portable or TensorRT target)",
+               "maskrt export --weights runs/edge/model.safetensors --input-size 256x256 --out model.onnx\n"
+               "maskrt export --weights model_final.pkl --from detectron2 --target tensorrt --precision fp16 "
+               "--input-size 800x1344 --out model_trt.onnx")
+    ex.add_argument("--weights", required=True,
+                    help="maskrt weights (.safetensors), or a torchvision / detectron2 checkpoint with --from")
+    ex.add_argument("--from", dest="source", choices=["torchvision", "detectron2"],
+                    help="--weights is a torchvision .pth or detectron2 .pkl checkpoint (as `maskrt convert` reads)")
+    ex.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"],
+                    help="onnx: portable graph for ONNX Runtime; tensorrt: uses our RoIAlign plugin (default: onnx)")
+    ex.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                    help="weights and compute of the backbone and heads (default: fp32)")
     ex.add_argument("--calib", help="calibration images folder for int8 (default: calib_data/)")
-    ex.add_argument("--input-size", type=_input_size, required=True, metavar="HxW")
+    ex.add_argument("--input-size", type=_input_size, required=True, metavar="HxW",
+                    help="graph input size, both multiples of 32, e.g. 512x512 (a single S means SxS)")
     ex.add_argument("--batch", type=int, default=None,
                     help="fixed batch size (default: dynamic batch)")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.set_defaults(handler=_export)
 
     # build
-    bu = verbs.add_parser("build", help="build a TensorRT engine from a TensorRT-target ONNX graph")
-    bu.add_argument("--onnx", required=True)
-    bu.add_argument("--out", required=True)
+    bu = _verb(verbs, "build", "build a TensorRT engine from a TensorRT-target ONNX graph",
+               "maskrt build --onnx model_trt.onnx --out model.engine")
+    bu.add_argument("--onnx", required=True, help="TensorRT-target graph (`maskrt export --target tensorrt`)")
+    bu.add_argument("--out", required=True, help="engine file to write (.engine or .plan; metadata goes beside it)")
     bu.add_argument("--plugin", help="libmaskrt_plugins.so (default: the one `maskrt plugin build` made)")
     bu.add_argument("--workspace", type=int, default=2048, help="workspace in MiB")
     bu.add_argument("--dla", type=int, default=None, help="DLA core (Jetson), GPU fallback on")
@@ -178,43 +233,61 @@ def build_parser() -> argparse.ArgumentParser:
     bu.set_defaults(handler=_build)
 
     # plugin
-    pl = verbs.add_parser("plugin", help="the MultilevelRoIAlign plugin library")
+    pl = _verb(verbs, "plugin", "the MultilevelRoIAlign plugin library",
+               "maskrt plugin build --tensorrt-include /usr/include/aarch64-linux-gnu --cuda-archs 87")
     pl_verbs = pl.add_subparsers(dest="plugin_verb", metavar="<action>")
-    pb = pl_verbs.add_parser("build", help="build libmaskrt_plugins.so (CMake + nvcc)")
+    pb = _verb(pl_verbs, "build", "build libmaskrt_plugins.so (CMake + nvcc)",
+               "maskrt plugin build --tensorrt-include /usr/include/aarch64-linux-gnu --cuda-archs 87")
     pb.add_argument("--tensorrt-include", help="TensorRT include/ folder (or $TENSORRT_INCLUDE_DIR)")
     pb.add_argument("--cuda-archs", help="CUDA architectures, e.g. '87;90' (default: 75;80;86;87;89;90)")
-    pb.add_argument("--build-dir", default="build/plugins")
+    pb.add_argument("--build-dir", default="build/plugins", help="CMake build folder (default: build/plugins)")
     pb.add_argument("--cpu-only", action="store_true", help="build only the CPU reference library")
     pb.set_defaults(handler=_plugin_build)
 
     # infer
-    inf = verbs.add_parser("infer", help="real-time inference on a camera, video, stream, image or folder")
+    inf = _verb(verbs, "infer", "real-time inference on a camera, video, stream, image or folder",
+                "maskrt infer --model model.engine --source 0 --show")
     inf.add_argument("--model", required=True, help=".onnx, or .engine/.plan")
     inf.add_argument("--source", required=True, help="0 | /dev/videoN | file.mp4 | rtsp://... | image | dir")
-    inf.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    inf.add_argument("--show", action="store_true")
+    inf.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                     help="auto: tensorrt for .engine/.plan, onnxruntime for .onnx")
+    inf.add_argument("--show", action="store_true", help="show the overlay in a window (q or Esc quits)")
     inf.add_argument("--save", help="out.mp4 or a folder of PNGs")
-    inf.add_argument("--conf", type=float, default=0.5)
-    inf.add_argument("--max-frames", type=int, default=None)
+    inf.add_argument("--conf", type=float, default=0.5, help="lowest score shown (default: 0.5)")
+    inf.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (default: all)")
     inf.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     inf.set_defaults(handler=_infer)
 
     # bench
-    be = verbs.add_parser("bench", help="latency and throughput of a model, pre/infer/post split")
-    be.add_argument("--model", required=True)
-    be.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    be.add_argument("--iters", type=int, default=50)
-    be.add_argument("--warmup", type=int, default=5)
+    be = _verb(verbs, "bench", "latency and throughput of a model, pre/infer/post split",
+               "maskrt bench --model model.onnx --against-eager runs/edge/model.safetensors")
+    be.add_argument("--model", required=True, help=".onnx, or .engine/.plan")
+    be.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                    help="auto: tensorrt for .engine/.plan, onnxruntime for .onnx")
+    be.add_argument("--iters", type=int, default=50, help="timed iterations (default: 50)")
+    be.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default: 5)")
     be.add_argument("--json", help="write the figures to this JSON file")
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
     be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     be.set_defaults(handler=_bench)
 
+    # doctor
+    do = _verb(verbs, "doctor", "check what maskrt needs on this machine; each missing piece comes with its fix",
+               "maskrt doctor --backend tensorrt")
+    do.add_argument("--backend", action="append", choices=["onnxruntime", "tensorrt"],
+                    help="a backend you will run (repeatable): what it needs is a failure when missing, "
+                         "and doctor exits 1")
+    do.add_argument("--json", action="store_true",
+                    help="print {\"checks\": [{name, status, detail, fix}, ...]} instead of the table")
+    do.add_argument("--plugin", help="TensorRT plugin library to check (default $MASKRT_PLUGIN_LIB or build/plugins/)")
+    do.set_defaults(handler=_doctor)
+
     # demo
-    de = verbs.add_parser("demo", help="synthetic data -> train -> eval -> export -> runtime -> report")
-    de.add_argument("--out", default="runs/demo")
+    de = _verb(verbs, "demo", "synthetic data -> train -> eval -> export -> runtime -> report",
+               "maskrt demo --out runs/demo --minutes 6")
+    de.add_argument("--out", default="runs/demo", help="folder for data, run, graphs and report.md (default: runs/demo)")
     de.add_argument("--minutes", type=float, default=6.0, help="training budget")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=int, default=0, help="random seed of data and training")
     de.set_defaults(handler=_demo)
 
     return parser

@@ -162,7 +162,9 @@ def predict_dataset(dataset: CocoDataset, predict: PredictFn, category_ids: list
     indices: Iterable[int] = range(len(dataset))
     if progress:
         from tqdm import tqdm
-        indices = tqdm(indices, desc="eval", unit="img", leave=False)
+
+        from maskrt.progress import progress_options
+        indices = tqdm(indices, desc="eval", unit="img", leave=False, **progress_options())
     for index in indices:
         image = dataset.load_image(index)
         if image is None:

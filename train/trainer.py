@@ -430,8 +430,10 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
     bar = None
     if config.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=cursor.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   desc=f"train {config.preset}")
+
+        from maskrt.progress import progress_options  # a live bar on a terminal, a line every 10 s in a log
+        bar = tqdm(total=total_steps, initial=cursor.step, unit="step", desc=f"train {config.preset}",
+                   **progress_options(sys.stderr))
     running: dict[str, float] = {}
     metrics_file = open(out / METRICS, "a")
     lr = lr_at(fraction_done(), config)
