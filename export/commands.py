@@ -18,7 +18,13 @@ def export_command(args: argparse.Namespace) -> int:
         raise MaskrtError(f"weights file {weights} does not exist")
     if args.calib and args.precision != "int8":
         raise MaskrtError("--calib is only used with --precision int8")
-    model = load_model(weights)
+    if getattr(args, "source", None):  # a torchvision / detectron2 checkpoint, as `maskrt convert` reads it
+        from maskrt.model.commands import convert_checkpoint
+        model, report = convert_checkpoint(args.source, weights)
+        for line in report.lines():
+            print(line)
+    else:
+        model = load_model(weights)
     out = export_onnx(model, args.out, input_size=tuple(args.input_size), target=args.target,
                       precision=args.precision, batch=args.batch, calib_dir=args.calib)
     import onnx

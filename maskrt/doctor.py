@@ -76,11 +76,13 @@ def _installed_version(distribution: str) -> str | None:
 def _import(name: str) -> tuple[Any | None, str]:
     """(module, "") or (None, why it did not import). Catches everything: a module may fail with OSError."""
     try:
-        if importlib.util.find_spec(name.split(".")[0]) is None:
-            return None, "not installed"
         return importlib.import_module(name), ""
+    except ModuleNotFoundError as err:
+        top = name.split(".")[0]
+        return None, "not installed" if err.name in (None, top, name) else f"fails to import: {err}"
     except Exception as err:  # noqa: BLE001 - any failure to import is a finding, not a crash
-        return None, f"fails to import: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return None, f"fails to import: {type(err).__name__}: {first_line}"
 
 
 def _run_tool(command: Sequence[str], timeout: float = 5.0) -> str | None:
@@ -376,11 +378,17 @@ def check_jetson(root: Path = Path("/")) -> list[Check]:
     model = _read_text(root / "proc/device-tree/model") or "unknown module"
     l4t, jetpack = jetson_release(release)
     rows = []
-    if jetpack and jetpack.startswith("6"):
-        rows.append(Check("jetson", "ok", f"{model}; L4T r{l4t} = JetPack {jetpack}"))
+    described = f"{model}; L4T r{l4t}" + (f" = JetPack {jetpack}" if jetpack else "")
+    numbers = tuple(int(part) for part in re.findall(r"\d+", l4t))
+    if numbers[:1] == (36,) and numbers >= (36, 4):
+        rows.append(Check("jetson", "ok", described))
+    elif l4t.startswith("36."):
+        rows.append(Check("jetson", "warn", described + " (TensorRT 8.6: no IPluginV3, so no maskrt plugin)",
+                          "upgrade to JetPack 6.1 or later (L4T r36.4: TensorRT 10.3, CUDA 12.6); "
+                          "ONNX Runtime runs .onnx models meanwhile"))
     else:
-        rows.append(Check("jetson", "warn", f"{model}; L4T r{l4t}" + (f" = JetPack {jetpack}" if jetpack else ""),
-                          "maskrt's Jetson guide (docs/jetson.md) is written for JetPack 6 (L4T r36)"))
+        rows.append(Check("jetson", "warn", described,
+                          "maskrt's Jetson guide (docs/jetson.md) is written for JetPack 6.1+ (L4T r36.4)"))
     nvpmodel = shutil.which("nvpmodel")
     query = _run_tool([nvpmodel, "-q"]) if nvpmodel else None
     if query:
