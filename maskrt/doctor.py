@@ -420,16 +420,32 @@ def check_torch() -> Check:
 
 # --- the report ----------------------------------------------------------------------------
 
+def _guarded(name: str, probe: Callable[[], Any]) -> list[Check]:
+    """The probe's rows; an unexpected exception becomes one warn row instead of a traceback."""
+    try:
+        result = probe()
+    except Exception as err:  # noqa: BLE001 - doctor reports, it does not crash
+        return [Check(name, "warn", f"could not be checked: {type(err).__name__}: {err}",
+                      "report this with the output of `maskrt doctor --json`")]
+    return result if isinstance(result, list) else [result]
+
+
 def run_checks(backends: Sequence[str] = (), plugin: str | None = None) -> list[Check]:
     """Every row, with the rows the named backends need turned from warn into fail."""
-    checks = [check_python(), check_numpy(), *check_opencv(), check_onnxruntime(), check_tensorrt()]
-    cuda_rows, gpu = check_cuda()
+    checks = [*_guarded("python", check_python), *_guarded("numpy", check_numpy),
+              *_guarded("opencv", check_opencv), *_guarded("onnxruntime", check_onnxruntime),
+              *_guarded("tensorrt", check_tensorrt)]
+    gpu: tuple[str, tuple[int, int]] | None = None
+    try:
+        cuda_rows, gpu = check_cuda()
+    except Exception as err:  # noqa: BLE001
+        cuda_rows = [Check("cuda-python", "warn", f"could not be checked: {type(err).__name__}: {err}", "")]
     checks += cuda_rows
-    checks += check_plugin(gpu, plugin)
-    checks += check_build_tools()
-    checks += check_jetson()
-    checks.append(check_cameras())
-    checks.append(check_torch())
+    checks += _guarded("plugin library", lambda: check_plugin(gpu, plugin))
+    checks += _guarded("build tools", check_build_tools)
+    checks += _guarded("jetson", check_jetson)
+    checks += _guarded("cameras", check_cameras)
+    checks += _guarded("torch", check_torch)
     needed = {name for backend in backends for name in NEEDED_BY_BACKEND[backend]}
     for check in checks:
         if check.status == "warn" and check.name in needed:

@@ -174,3 +174,13 @@ def test_cameras_row(tmp_path: Path) -> None:
     (tmp_path / "video0").touch()
     row = doctor.check_cameras(str(tmp_path / "video*"))
     assert (row.status, row.detail) == ("ok", str(tmp_path / "video0"))
+
+
+def test_a_probe_that_raises_becomes_a_row(no_gpu_stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> doctor.Check:
+        raise OSError("device tree unreadable")
+
+    monkeypatch.setattr(doctor, "check_jetson", broken)
+    rows = _rows(doctor.run_checks())
+    assert rows["jetson"].status == "warn" and "OSError: device tree unreadable" in rows["jetson"].detail
+    assert "torch" in rows  # the rows after it are still there
