@@ -475,7 +475,8 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str,
                 bar.set_postfix(loss=f"{running['loss']:.3f}", mask=f"{running.get('loss_mask', 0):.3f}",
                                 lr=f"{lr:.4f}", refresh=False)
                 if total_steps is None:
-                    bar.set_description(f"train {config.preset} {cursor.elapsed_s / 60:.1f}/{config.minutes:g} min")
+                    bar.set_description(f"train {config.preset} {cursor.elapsed_s / 60:.1f}/{config.minutes:g} min",
+                                        refresh=False)  # redrawn by update() at its own pace (mininterval)
             if cursor.step % config.log_every == 0 or cursor.step == 1:
                 metrics_file.write(json.dumps({"step": cursor.step, "epoch": cursor.epoch,
                                                "elapsed_s": round(cursor.elapsed_s, 3),
