@@ -206,7 +206,8 @@ def check_tensorrt() -> Check:
             version = getattr(trt, "__version__", "?")
             return Check("tensorrt", "ok", f"{module_name} {version} ({kind})")
     return Check("tensorrt", "warn", "neither tensorrt nor tensorrt_lean imports",
-                 "JetPack 6 ships TensorRT 10.3 (sudo apt install nvidia-tensorrt; Python: python3-libnvinfer); "
+                 "JetPack 6 ships TensorRT 10.3 (sudo apt install nvidia-tensorrt; Python: python3-libnvinfer; "
+                 "a venv sees it only when made with --system-site-packages); "
                  "on a PC: pip install 'maskrt[tensorrt]' or NVIDIA's tensorrt wheel")
 
 
