@@ -240,8 +240,8 @@ def check_cuda() -> tuple[list[Check], tuple[str, tuple[int, int]] | None]:
     version = _installed_version("cuda-python") or _installed_version("cuda-bindings")
     gpu: tuple[str, tuple[int, int]] | None = None
     if cudart is None:
-        rows = [Check("cuda-python", "warn", why, "pip install 'cuda-python>=12,<13' (cuda-python 12.x on "
-                                                  "JetPack 6, matching its CUDA 12.6); the TensorRT backend "
+        rows = [Check("cuda-python", "warn", why, "pip install cuda-python of the driver's CUDA major (JetPack 6: "
+                                                  "pip install 'cuda-python>=12.6,<13'); the TensorRT backend "
                                                   "uses it for GPU buffers")]
         gpu = _gpu_from_nvidia_smi()
     else:
