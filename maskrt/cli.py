@@ -123,10 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
     train.add_argument("--lr", type=float, help="base learning rate (preset default)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
-    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                       help="forward in bf16 autocast or fp32; auto: bf16 where the CPU has native bf16")
+    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="autocast precision; auto: on CUDA bf16 (compute capability >= 8.0) else fp16 with a "
+                            "GradScaler, on the CPU bf16 where it has native bf16 else fp32; fp16 is CUDA-only")
+    train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present; "
+                       "under torchrun, cuda gives rank i GPU LOCAL_RANK)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="DataLoader processes that decode and augment (default: from the CPU count; 0 below "
+                            "8 cores per process)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.epilog = ("several GPUs or machines: torchrun --nproc-per-node 4 -m maskrt train --data coco "
+                    "--epochs 12 --out runs/r50 --config r50_fpn --device cuda (see docs/training.md)")
     train.set_defaults(handler=_train)
 
     # eval
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--split", default="val")
     ev.add_argument("--out", help="JSON file for the metrics (default: beside the weights/model)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N for --weights (auto: CUDA when present)")
     ev.set_defaults(handler=_eval)
 
     # predict
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--out", required=True)
     pr.add_argument("--conf", type=float, default=0.5)
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
     pr.set_defaults(handler=_predict)
 
     # ablate
@@ -153,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--minutes", type=float, default=4.0, help="training budget per model")
     ab.add_argument("--out", default="runs/ablation")
     ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for training and eval")
     ab.set_defaults(handler=_ablate)
 
     # export
@@ -207,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--json", help="write the figures to this JSON file")
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
+    be.add_argument("--device", default="auto",
+                    help="device of the --against-eager model: auto | cpu | cuda | cuda:N (auto: CUDA when present)")
     be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     be.set_defaults(handler=_bench)
 
@@ -215,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--minutes", type=float, default=6.0, help="training budget")
     de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N for training and the eager eval/bench")
     de.set_defaults(handler=_demo)
 
     return parser

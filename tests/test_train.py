@@ -79,8 +79,24 @@ def test_precision_auto_follows_the_cpu_and_bad_values_are_one_line_errors(monke
         monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
         assert TrainConfig(data="d", out="o", minutes=1).precision == resolved
         assert TrainConfig(data="d", out="o", minutes=1, precision="fp32").precision == "fp32"
-    with pytest.raises(MaskrtError, match="--precision must be auto, bf16 or fp32"):
-        TrainConfig(data="d", out="o", minutes=1, precision="fp16")
+    with pytest.raises(MaskrtError, match="--precision fp16 needs a CUDA device"):
+        TrainConfig(data="d", out="o", minutes=1, precision="fp16", device="cpu")
+    with pytest.raises(MaskrtError, match="--precision must be auto, bf16, fp16 or fp32"):
+        TrainConfig(data="d", out="o", minutes=1, precision="fp8")
+
+
+def test_precision_auto_on_cuda_is_bf16_from_compute_capability_8_else_fp16():
+    from maskrt.train.trainer import make_grad_scaler, resolve_precision
+
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", cuda, cuda_capability=(9, 0)) == "bf16"  # H100
+    assert resolve_precision("auto", cuda, cuda_capability=(8, 7)) == "bf16"  # Orin
+    assert resolve_precision("auto", cuda, cuda_capability=(7, 5)) == "fp16"  # T4
+    assert resolve_precision("fp32", cuda, cuda_capability=(7, 5)) == "fp32"
+    assert resolve_precision("fp16", cuda, cuda_capability=(9, 0)) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu"), cpu_bf16=False) == "fp32"
+    # Only fp16 scales the loss; bf16 and fp32 step as they are.
+    assert not make_grad_scaler("bf16", torch.device("cpu")).is_enabled()
 
 
 def test_bf16_autocast_losses_and_gradients_follow_float32(tiny_data, tmp_path):
