@@ -132,6 +132,9 @@ def _write_report(out: Path, log: StepLog, minutes: float) -> Path:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from maskrt.model import resolve_device
+
+    resolve_device(args.device)  # a missing GPU is one line before any step runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, train_dir = out / "data", out / "train"
