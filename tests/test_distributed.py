@@ -57,25 +57,28 @@ def test_torchrun_two_cpu_ranks_train_checkpoint_and_resume(four_images, tmp_pat
 
     out = tmp_path / "run"
     # The CLI end to end (the edge preset, 64 px images): 4 images, 2 ranks x batch 1 -> 2 steps per epoch.
+    # Half an epoch (1 step), then --resume to one epoch (step 2).
     base = ["--nproc-per-node", "2", "-m", "maskrt", "train", "--device", "cpu", "--data", str(four_images),
             "--out", str(out), "--batch-size", "1", "--no-progress", "--checkpoint-every", "1", "--precision", "fp32",
             "--workers", "0"]
-    first = torchrun([*base, "--epochs", "1"], timeout=300)
+    first = torchrun([*base, "--epochs", "0.5"], timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 process(es) x 1 images = effective batch 2" in first.stderr
     assert first.stderr.count("training on cpu") == 1  # rank 0 alone speaks
     state = json.loads((out / STATE_JSON).read_text())
-    assert state["step"] == 2 and state["world_size"] == 2 and state["epoch"] == 1
-    assert state["ranks"] == [[1, 0], [1, 0]]
+    assert state["step"] == 1 and state["world_size"] == 2 and state["epoch"] == 0
+    assert state["ranks"] == [[0, 1], [0, 1]]  # each rank read the first item of its shard of two
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     weights = load_model(out / WEIGHTS, device="cpu")
     assert weights.class_names[0] == "__background__"
     before = {k: v.clone() for k, v in weights.state_dict().items()}
 
-    resumed = torchrun([*base, "--epochs", "2", "--resume"], timeout=300)
+    resumed = torchrun([*base, "--epochs", "1", "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = json.loads((out / STATE_JSON).read_text())
-    assert state["step"] == 4 and state["epoch"] == 2 and state["world_size"] == 2
+    assert state["step"] == 2 and state["epoch"] == 1 and state["world_size"] == 2
+    assert state["ranks"] == [[1, 0], [1, 0]]
+    assert resumed.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
     after = load_model(out / WEIGHTS).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +87,7 @@ def test_torchrun_two_cpu_ranks_train_checkpoint_and_resume(four_images, tmp_pat
     # Resuming with another number of processes is refused: each rank continues its own shard.
     from maskrt.cli import main
 
-    assert main(["train", "--data", str(four_images), "--out", str(out), "--resume", "--epochs", "3",
+    assert main(["train", "--data", str(four_images), "--out", str(out), "--resume", "--epochs", "2",
                  "--device", "cpu", "--no-progress"]) == 2
 
 

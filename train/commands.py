@@ -140,7 +140,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_args(args)
     summary = train(config)
-    print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; weights: {summary['weights']}")
+    if summary["rank"] == 0:  # under torchrun, rank 0 alone reports
+        print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; weights: {summary['weights']}")
     return 0
 
 

@@ -567,7 +567,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 def train(config: TrainConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train per `config`; return a summary {step, epoch, elapsed_s, weights, last losses, lr,
-    world_size, device, precision}.
+    rank, world_size, device, precision}.
 
     Run under torchrun, each process trains one rank of a DistributedDataParallel job (see
     train/distributed.py). `stop_after_steps` ends the run early at that step (with a
@@ -730,7 +730,7 @@ def _train(config: TrainConfig, stop_after_steps: int | None, ranks: Any, device
         if ranks.is_main:
             dataset.warn_skipped()
     return {"step": cursor.step, "epoch": cursor.epoch, "elapsed_s": cursor.elapsed_s,
-            "weights": str(out / WEIGHTS), "losses": last_losses, "lr": lr, "world_size": ranks.world_size,
+            "weights": str(out / WEIGHTS), "losses": last_losses, "lr": lr, "rank": ranks.rank, "world_size": ranks.world_size,
             "device": str(device), "precision": config.precision}
 
 
