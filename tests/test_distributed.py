@@ -158,3 +158,18 @@ def test_a_rank_that_dies_ends_the_whole_job_in_bounded_time(four_images, tmp_pa
     assert seconds < 120, seconds
     state = json.loads((tmp_path / "die" / STATE_JSON).read_text()) if (tmp_path / "die" / STATE_JSON).exists() else None
     assert state is None or state["step"] <= 1
+
+
+def test_with_minutes_every_rank_stops_at_the_same_step(four_images, tmp_path):
+    # Rank 0's clock is broadcast each step: both ranks see the same budget fraction and end
+    # together (without it, a rank whose clock ran ahead would leave its peer waiting in the
+    # next all-reduce).
+    config_file = tmp_path / "timed.json"
+    config_file.write_text(json.dumps(dict(data=str(four_images), out=str(tmp_path / "timed"), minutes=0.1,
+                                           batch_size=1, lr=0.01, progress=False, device="cpu", precision="fp32",
+                                           workers=0, model_overrides=dict(TINY), warmup_fraction=0.0)))
+    run = torchrun(["--nproc-per-node", "2", str(WORKER), str(config_file)], timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [json.loads(line)["rank_summary"]["step"] for line in run.stdout.splitlines() if "rank_summary" in line]
+    assert len(steps) == 2 and steps[0] == steps[1] >= 1, run.stdout
+    assert json.loads((tmp_path / "timed" / STATE_JSON).read_text())["step"] == steps[0]
