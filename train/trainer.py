@@ -703,7 +703,7 @@ def _train(config: TrainConfig, stop_after_steps: int | None, ranks: Any, device
             else:
                 elapsed = spent_before + time.perf_counter() - loop_start
             cursor.elapsed_s = distributed.broadcast_floats([elapsed], device, ranks)[0]
-            last_losses = {k: float(v) for k, v in losses.items()}
+            last_losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # one device sync
             for k, v in last_losses.items():  # running means shown on the bar
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             if bar is not None:
