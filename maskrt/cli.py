@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--roi-op", default="align", choices=["align", "pool"], help="RoI feature op")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
-    train.add_argument("--lr", type=float, help="base learning rate (preset default)")
+    train.add_argument("--lr", type=float, help="base learning rate for the effective batch, used as given (default: "
+                       "the preset's, scaled to processes x --batch-size: linear for sgd, square root for adamw)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
     train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                        help="autocast precision; auto: on CUDA bf16 (compute capability >= 8.0) else fp16 with a "
