@@ -145,13 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RoI feature op: RoIAlign or RoIPool (default: align)")
     train.add_argument("--seed", type=int, default=0, help="random seed of weights, data order and sampling")
     train.add_argument("--batch-size", type=int, help="images per step (preset default)")
-    train.add_argument("--lr", type=float, help="base learning rate (preset default)")
+    train.add_argument("--lr", type=float, help="base learning rate for the effective batch, used as given (default: "
+                       "the preset's, scaled to processes x --batch-size: linear for sgd, square root for adamw)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimiser (preset default)")
-    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                       help="forward in bf16 autocast or fp32; auto: bf16 where the CPU has native bf16")
+    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="autocast precision; auto: on CUDA bf16 (compute capability >= 8.0) else fp16 with a "
+                            "GradScaler, on the CPU bf16 where it has native bf16 else fp32; fp16 is CUDA-only")
+    train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present; "
+                       "under torchrun, cuda gives rank i GPU LOCAL_RANK)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="DataLoader processes that decode and augment (default: from the CPU count; 0 below "
+                            "8 cores per process)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar (in a log the bar is already one line every 10 s)")
+    train.epilog += ("\n  torchrun --nproc-per-node 4 -m maskrt train --data coco --epochs 12 --out runs/r50 "
+                     "--config r50_fpn --device cuda   (several GPUs; docs/training.md)")
     train.set_defaults(handler=_train)
 
     # eval
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="COCO folder (2017 layout or the short one)")
     ev.add_argument("--split", default="val", help="which split of --data to evaluate (default: val)")
     ev.add_argument("--out", help="JSON file for the metrics (default: beside the weights/model)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N for --weights (auto: CUDA when present)")
     ev.set_defaults(handler=_eval)
 
     # predict
@@ -173,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--out", required=True, help="folder for the overlays and results.json")
     pr.add_argument("--conf", type=float, default=0.5, help="lowest score drawn and written (default: 0.5)")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
     pr.set_defaults(handler=_predict)
 
     # ablate
@@ -181,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--minutes", type=float, default=4.0, help="training budget per model")
     ab.add_argument("--out", default="runs/ablation", help="folder for both runs and report.md (default: runs/ablation)")
     ab.add_argument("--seed", type=int, default=0, help="random seed shared by both runs")
+    ab.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for training and eval")
     ab.set_defaults(handler=_ablate)
 
     # convert
@@ -268,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default: 5)")
     be.add_argument("--json", help="write the figures to this JSON file")
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
+    be.add_argument("--device", default="auto",
+                    help="device of the --against-eager model: auto | cpu | cuda | cuda:N (auto: CUDA when present)")
     be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     be.set_defaults(handler=_bench)
 
@@ -288,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="runs/demo", help="folder for data, run, graphs and report.md (default: runs/demo)")
     de.add_argument("--minutes", type=float, default=6.0, help="training budget")
     de.add_argument("--seed", type=int, default=0, help="random seed of data and training")
+    de.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N for training and the eager eval/bench")
     de.set_defaults(handler=_demo)
 
     return parser

@@ -132,6 +132,9 @@ def _write_report(out: Path, log: StepLog, minutes: float) -> Path:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from maskrt.model import resolve_device
+
+    resolve_device(args.device)  # a missing GPU is one line before any step runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, train_dir = out / "data", out / "train"
@@ -143,8 +146,8 @@ def demo_command(args: argparse.Namespace) -> int:
         ("synthetic data", ["data", "synth", "--out", str(data), "--train", "400", "--val", "60",
                             "--size", str(size), "--seed", str(args.seed)]),
         ("train", ["train", "--data", str(data), "--config", "edge", "--minutes", str(args.minutes),
-                   "--out", str(train_dir), "--seed", str(args.seed), "--no-progress"]),
-        ("eval (PyTorch)", ["eval", "--weights", str(weights), "--data", str(data),
+                   "--out", str(train_dir), "--seed", str(args.seed), "--no-progress", "--device", args.device]),
+        ("eval (PyTorch)", ["eval", "--weights", str(weights), "--data", str(data), "--device", args.device,
                             "--out", str(out / "eval_torch.json")]),
         ("export (portable ONNX)", ["export", "--weights", str(weights), "--target", "onnx",
                                     "--precision", "fp32", "--input-size", f"{size}x{size}",
@@ -158,7 +161,8 @@ def demo_command(args: argparse.Namespace) -> int:
          ["eval", "--model", str(out / "model_trt.onnx"), "--data", str(data),
           "--out", str(out / "eval_onnx_trt.json")]),
         ("bench (runtime vs eager)", ["bench", "--model", str(out / "model.onnx"), "--iters", "20",
-                                      "--against-eager", str(weights), "--json", str(out / "bench.json")]),
+                                      "--against-eager", str(weights), "--device", args.device,
+                                      "--json", str(out / "bench.json")]),
         ("overlays (maskrt infer)", ["infer", "--model", str(out / "model.onnx"),
                                      "--source", str(data / "val"), "--save", str(out / "overlays"),
                                      "--max-frames", "8"]),

@@ -67,10 +67,35 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
-def load_model(path: str | os.PathLike[str], **overrides: Any) -> MaskRCNN:
+def resolve_device(name: Any = "auto") -> "torch.device":
+    """`auto` | `cpu` | `cuda` | `cuda:N` (or a torch.device) -> torch.device. `auto` is the
+    current CUDA device where one is present, else the CPU. A CUDA device that this machine
+    lacks is a one-line MaskrtError (the CLI exits 2)."""
+    import torch
+
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise MaskrtError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise MaskrtError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MaskrtError(f"--device {text}: no CUDA GPU is available to PyTorch here "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MaskrtError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_model(path: str | os.PathLike[str], device: Any = "cpu", **overrides: Any) -> MaskRCNN:
     """Rebuild the saved model (its preset + stored config + `overrides`, by constructor
     argument name, e.g. box_score_thresh=0.3; `class_names` / `category_ids` also accepted)
-    and load its weights. Returned in eval mode."""
+    and load its weights onto `device` (see `resolve_device`; the file itself is
+    device-free). Returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -96,4 +121,4 @@ def load_model(path: str | os.PathLike[str], **overrides: Any) -> MaskRCNN:
         raise MaskrtError(f"{path}: weights do not fit the {metadata['preset']} model "
                           f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. "
                           f"{(missing or unexpected)[0]})")
-    return model.eval()
+    return model.to(resolve_device(device)).eval()

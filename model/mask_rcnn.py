@@ -180,7 +180,8 @@ class MaskRCNN(nn.Module):
         self._check_targets(images, targets)
         resized_images, resized_targets = [], []
         for image, target in zip(images, targets):
-            size = self.min_size[int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())]
+            # A host-side draw (CPU generator on every device: the same choice on CPU and CUDA).
+            size = self.min_size[int(torch.empty(1, device="cpu").uniform_(0.0, float(len(self.min_size))).item())]
             resized = resize_image(image, size, self.max_size)
             original_hw = (int(image.shape[-2]), int(image.shape[-1]))
             new_hw = (int(resized.shape[-2]), int(resized.shape[-1]))
@@ -188,7 +189,8 @@ class MaskRCNN(nn.Module):
             resized_targets.append(resize_target(target, original_hw, new_hw, size, self.max_size))
         batch = batch_images(resized_images, self.image_mean)
         padded_size = (int(batch.shape[-2]), int(batch.shape[-1]))
-        image_sizes = torch.tensor([tuple(img.shape[-2:]) for img in resized_images], dtype=torch.int64)
+        image_sizes = torch.tensor([tuple(img.shape[-2:]) for img in resized_images], dtype=torch.int64,
+                                   device=batch.device)
         features = self.backbone(self.normalize(batch))
         proposals, valid, objectness, deltas, anchors = self.rpn(features, padded_size, image_sizes)
         losses = self.rpn.compute_loss(objectness, deltas, anchors, resized_targets)

@@ -103,7 +103,7 @@ class RegionProposalNetwork(nn.Module):
         an 800-row input, 13 rows, gets stride 61, not 64)."""
         grid_sizes = [tuple(feature.shape[-2:]) for feature in features]
         strides = [(padded_size[0] // grid[0], padded_size[1] // grid[1]) for grid in grid_sizes]
-        return self.anchor_generator.grid_anchors(grid_sizes, strides)
+        return self.anchor_generator.grid_anchors(grid_sizes, strides, device=features[0].device)
 
     def forward(self, features: list[Tensor], padded_size: tuple[int, int],
                 image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:

@@ -21,7 +21,7 @@ from maskrt.errors import MaskrtError
 def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
     """torchvision's scale `min(min_size / min(h, w), max_size / max(h, w))`, computed in
     float32 as torchvision does (the float32 rounding decides floor() at exact boundaries)."""
-    shape = torch.tensor([height, width], dtype=torch.float32)
+    shape = torch.tensor([height, width], dtype=torch.float32, device="cpu")  # host arithmetic
     scale = torch.min(min_size / shape.min(), max_size / shape.max())
     return float(scale.item())
 
@@ -62,7 +62,8 @@ def resize_target(target: dict[str, Tensor], original_size: tuple[int, int], new
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
     """xyxy boxes [N, 4] from an image of `original_size` (h, w) to one of `new_size`."""
-    ratio_h, ratio_w = (torch.tensor(float(new), dtype=torch.float32) / torch.tensor(float(old), dtype=torch.float32)
+    ratio_h, ratio_w = (torch.tensor(float(new), dtype=torch.float32, device=boxes.device)
+                        / torch.tensor(float(old), dtype=torch.float32, device=boxes.device)
                         for new, old in zip(new_size, original_size))
     x1, y1, x2, y2 = boxes.unbind(-1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=-1)
@@ -93,7 +94,7 @@ def _bilinear_matrix(starts: Tensor, stops: Tensor, source_size: int, image_size
     local = pixel[None, :] - starts[:, None]  # [N, image_size] index inside the resized mask
     inside = (local >= 0) & (local <= (stops - starts)[:, None])
     # PyTorch's source index for align_corners=False, in float32: scale*(d+0.5)-0.5, floored at 0.
-    scale = torch.tensor(float(source_size), dtype=torch.float32) / length.to(torch.float32)
+    scale = torch.tensor(float(source_size), dtype=torch.float32, device=starts.device) / length.to(torch.float32)
     source = (scale[:, None] * (local.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
     lower = source.floor().to(torch.int64).clamp(max=source_size - 1)
     upper = (lower + 1).clamp(max=source_size - 1)

@@ -79,8 +79,24 @@ def test_precision_auto_follows_the_cpu_and_bad_values_are_one_line_errors(monke
         monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
         assert TrainConfig(data="d", out="o", minutes=1).precision == resolved
         assert TrainConfig(data="d", out="o", minutes=1, precision="fp32").precision == "fp32"
-    with pytest.raises(MaskrtError, match="--precision must be auto, bf16 or fp32"):
-        TrainConfig(data="d", out="o", minutes=1, precision="fp16")
+    with pytest.raises(MaskrtError, match="--precision fp16 needs a CUDA device"):
+        TrainConfig(data="d", out="o", minutes=1, precision="fp16", device="cpu")
+    with pytest.raises(MaskrtError, match="--precision must be auto, bf16, fp16 or fp32"):
+        TrainConfig(data="d", out="o", minutes=1, precision="fp8")
+
+
+def test_precision_auto_on_cuda_is_bf16_from_compute_capability_8_else_fp16():
+    from maskrt.train.trainer import make_grad_scaler, resolve_precision
+
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", cuda, cuda_capability=(9, 0)) == "bf16"  # H100
+    assert resolve_precision("auto", cuda, cuda_capability=(8, 7)) == "bf16"  # Orin
+    assert resolve_precision("auto", cuda, cuda_capability=(7, 5)) == "fp16"  # T4
+    assert resolve_precision("fp32", cuda, cuda_capability=(7, 5)) == "fp32"
+    assert resolve_precision("fp16", cuda, cuda_capability=(9, 0)) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu"), cpu_bf16=False) == "fp32"
+    # Only fp16 scales the loss; bf16 and fp32 step as they are.
+    assert not make_grad_scaler("bf16", torch.device("cpu")).is_enabled()
 
 
 def test_bf16_autocast_losses_and_gradients_follow_float32(tiny_data, tmp_path):
@@ -135,6 +151,36 @@ def test_reader_shrinks_images_the_model_would_shrink_and_only_those(tiny_data, 
         # Area is kept to within the boundary pixels of a nearest-neighbour halving.
         assert abs(int(small.masks.sum()) * 4 - int(before.masks.sum())) <= 0.1 * before.masks.sum()
         assert np.array_equal(same.image, before.image) and np.array_equal(same.masks, before.masks)
+
+
+def test_dataloader_workers_give_the_same_batches_and_cursor_as_the_main_process(tiny_data, tmp_path):
+    # Workers decode and augment ahead; items come back in the seeded order, so batches and
+    # the cursor (what a checkpoint stores) match the in-process reader across an epoch end.
+    dataset = CocoDataset(tiny_data, "train", drop_empty=True)
+    config = tiny_config(tiny_data, tmp_path, epochs=1, batch_size=3)
+    here, there = Cursor(), Cursor()
+    inline = BatchReader(dataset, config, here, workers=0)
+    pooled = BatchReader(dataset, config, there, workers=2)
+    try:
+        for _ in range(4):  # 12 items of 8: into the second epoch
+            for a, b in zip(inline.next_batch(), pooled.next_batch()):
+                assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+                np.testing.assert_array_equal(a.boxes, b.boxes)
+            assert (here.epoch, here.position) == (there.epoch, there.position)
+        assert (here.epoch, here.position) == (1, 4)
+    finally:
+        pooled.close()
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_epoch(tiny_data, tmp_path):
+    from maskrt.train.trainer import ItemKeys, shard_positions
+
+    assert shard_positions(5, 0, 2) == [0, 2, 4] and shard_positions(5, 1, 2) == [1, 3, 0]  # padded by wrapping
+    keys = [list(zip(range(4), ItemKeys(7, 8, 0, 0, rank, 2))) for rank in (0, 1)]
+    indices = [[key[2] for _, key in rank_keys] for rank_keys in keys]
+    assert sorted(indices[0] + indices[1]) == sorted(epoch_order(7, 0, 8).tolist())
+    rng_positions = [key[3] for rank_keys in keys for _, key in rank_keys]
+    assert sorted(rng_positions) == list(range(8))  # no two ranks augment alike
 
 
 @pytest.mark.slow

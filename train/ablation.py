@@ -21,7 +21,7 @@ ROI_OPS = ("align", "pool")
 
 def run_ablation(data: str | None, minutes: float, out: str | Path, seed: int = 0, preset: str = "edge",
                  epochs: float | None = None, progress: bool = True,
-                 model_overrides: dict[str, Any] | None = None) -> Path:
+                 model_overrides: dict[str, Any] | None = None, device: str = "auto") -> Path:
     """Train and evaluate both RoI ops; return the path of the markdown report.
 
     `data` None generates a synthetic set in OUT/data. `epochs`, when given, replaces the
@@ -37,11 +37,11 @@ def run_ablation(data: str | None, minutes: float, out: str | Path, seed: int = 
     for roi_op in ROI_OPS:
         config = TrainConfig(data=data, out=str(out / roi_op), preset=preset, roi_op=roi_op, seed=seed,
                              minutes=None if epochs else minutes, epochs=epochs, progress=progress,
-                             model_overrides=dict(model_overrides or {}))
+                             model_overrides=dict(model_overrides or {}), device=device)
         summary = train(config)
         from maskrt.model import load_model
 
-        model = load_model(summary["weights"])
+        model = load_model(summary["weights"], device=summary["device"])
         metrics, _ = evaluate_dataset(CocoDataset(data, "val"), torch_predict_fn(model))
         rows[roi_op] = {"metrics": metrics, "steps": summary["step"], "minutes": summary["elapsed_s"] / 60}
     report = out / "report.md"

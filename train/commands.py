@@ -27,13 +27,15 @@ def data_synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_weights(path: str | Path):
-    """A maskrt MaskRCNN from a .safetensors file, with a one-line error if it is missing."""
+def load_weights(path: str | Path, device: str = "cpu"):
+    """A maskrt MaskRCNN from a .safetensors file on `device` (auto | cpu | cuda | cuda:N),
+    with a one-line error if it is missing or the device is absent."""
+    from maskrt.model import load_model, resolve_device
+
+    resolved = resolve_device(device)  # a missing GPU is reported before any file is read
     if not Path(path).is_file():
         raise MaskrtError(f"weights file not found: {path}")
-    from maskrt.model import load_model
-
-    return load_model(path)
+    return load_model(path, device=resolved)
 
 
 def _category_ids_for(class_names: list[str], category_ids: list[int] | None, dataset) -> list[int]:
@@ -59,7 +61,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     dataset = CocoDataset(args.data, args.split)
     if args.weights:
-        model = load_weights(args.weights)
+        model = load_weights(args.weights, args.device)
         predict = torch_predict_fn(model)
         category_ids = _category_ids_for(list(model.class_names), getattr(model, "category_ids", None), dataset)
         source = Path(args.weights)
@@ -104,7 +106,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from maskrt.runtime.predictor import Detections
     from maskrt.train.evaluate import detections_to_results, torch_predict_fn, write_json
 
-    model = load_weights(args.weights)
+    model = load_weights(args.weights, args.device)
     predict = torch_predict_fn(model)
     class_names = tuple(model.class_names)
     category_ids = list(getattr(model, "category_ids", None) or range(len(class_names)))
@@ -138,7 +140,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_args(args)
     summary = train(config)
-    print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; weights: {summary['weights']}")
+    if summary["rank"] == 0:  # under torchrun, rank 0 alone reports
+        print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; weights: {summary['weights']}")
     return 0
 
 
@@ -146,6 +149,6 @@ def ablate_command(args: argparse.Namespace) -> int:
     """`maskrt ablate [--data DIR] [--minutes M] [--out DIR] [--seed S]`: RoIAlign vs RoIPool."""
     from maskrt.train.ablation import run_ablation
 
-    report = run_ablation(data=args.data, minutes=args.minutes, out=args.out, seed=args.seed)
+    report = run_ablation(data=args.data, minutes=args.minutes, out=args.out, seed=args.seed, device=args.device)
     print(report.read_text())
     return 0

@@ -127,12 +127,16 @@ def torch_predict_fn(model: Any) -> PredictFn:
 
     model.eval()
 
+    device = next(model.parameters()).device
+
     def predict(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        # The one BGR uint8 -> RGB float [0,1] CHW conversion of the training side.
-        tensor = torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1])).permute(2, 0, 1).float().div_(255)
+        # The one BGR uint8 -> RGB float [0,1] CHW conversion of the training side (on the
+        # model's device: the uint8 frame is what crosses to a GPU).
+        frame = torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1])).to(device)
+        tensor = frame.permute(2, 0, 1).float().div_(255)
         with torch.no_grad():
             out = model([tensor])[0]
-        return (out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy(), out["masks"].numpy())
+        return tuple(out[key].cpu().numpy() for key in ("boxes", "scores", "labels", "masks"))
 
     return predict
 

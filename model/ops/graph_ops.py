@@ -95,11 +95,12 @@ def _multilevel_roi_align_backward(ctx, grad_output: Tensor) -> tuple:
 
 multilevel_roi_align.register_autograd(_multilevel_roi_align_backward, setup_context=_multilevel_roi_align_setup)
 
-# Under CPU autocast (bf16 training) RoIAlign and its gradient take float32 inputs and run with
+# Under CPU or CUDA autocast (mixed-precision training) RoIAlign and its gradient take float32 inputs and run with
 # autocast off: the contract accumulates in float32, and a bf16 bmm inside would round the
 # bilinear weights (8 mantissa bits) and hand float32 accumulators bf16 rows.
-torch.library.register_autocast(multilevel_roi_align, "cpu", torch.float32)
-torch.library.register_autocast(multilevel_roi_align_backward, "cpu", torch.float32)
+for _device_type in ("cpu", "cuda"):  # the same rule under CPU (bf16) and CUDA (bf16 / fp16) autocast
+    torch.library.register_autocast(multilevel_roi_align, _device_type, torch.float32)
+    torch.library.register_autocast(multilevel_roi_align_backward, _device_type, torch.float32)
 
 
 @torch.library.custom_op("maskrt::nms_padded", mutates_args=())
