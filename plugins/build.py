@@ -87,6 +87,24 @@ def tensorrt_header_version(include_dir: Path) -> str:
     return ".".join(parts)
 
 
+def plugin_library_tensorrt_major(library: str | Path) -> int | None:
+    """The TensorRT major whose headers libmaskrt_plugins.so was built against (it serves processes of
+    that major only); None for a library that does not record it (built before the record existed).
+
+    Loading the library registers nothing: only TensorRT's registry calls its entry points.
+    """
+    import ctypes
+    try:
+        handle = ctypes.CDLL(str(library))
+    except OSError as err:
+        raise MaskrtError(f"cannot open the plugin library {library}: {err}") from None
+    function = getattr(handle, "maskrt_plugin_tensorrt_major", None)
+    if function is None:
+        return None
+    function.restype = ctypes.c_int32
+    return int(function())
+
+
 def _first_error_line(log: str) -> str:
     for line in log.splitlines():
         if re.search(r"error|Error|ERROR", line):
@@ -163,7 +181,8 @@ def plugin_build_command(args: argparse.Namespace) -> int:
     print(f"built {built.kernel_library} (CUDA archs {built.cuda_archs})")
     if built.plugin_library is not None:
         version = tensorrt_header_version(built.tensorrt_include)  # type: ignore[arg-type]
-        print(f"built {built.plugin_library} against TensorRT {version} headers in {built.tensorrt_include}")
+        print(f"built {built.plugin_library} against TensorRT {version} headers in {built.tensorrt_include}: "
+              f"it serves TensorRT {version.split('.')[0]}.x processes only (build once per major)")
         print(f"use it: trtexec --onnx=model.onnx --dynamicPlugins={built.plugin_library}")
     else:
         print(f"no TensorRT include folder (--tensorrt-include or $TENSORRT_INCLUDE_DIR): built the kernel "
