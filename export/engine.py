@@ -129,14 +129,11 @@ def find_plugin_library(explicit: str | None) -> Path | None:
     return runtime_rule(explicit)
 
 
-def load_plugin(builder: Any, library: Path) -> None:
-    """Load the plugin library into the builder's registry; TensorRT's silent None becomes an error."""
-    handle = builder.get_plugin_registry().load_library(str(library))
-    if handle is None:
-        raise MaskrtError(
-            f"TensorRT refused the plugin library {library} (load_library returned None): it must export "
-            "extern \"C\" getCreators and setLoggerFinder and be built against this TensorRT version; "
-            "rebuild it with `maskrt plugin build`")
+def load_plugin(trt: Any, builder: Any, library: Path) -> None:
+    """Load the plugin library into the builder's registry, once per process (the runtime's rule:
+    a library already registered is not loaded again, TensorRT's silent None becomes an error)."""
+    from maskrt.runtime.backends.tensorrt import load_plugin_library
+    load_plugin_library(trt, library, builder.get_plugin_registry())
 
 
 def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None) -> tuple[tuple[int, ...], ...] | None:
@@ -172,7 +169,7 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if plugin is not None:
-        load_plugin(builder, plugin)  # before parsing: the parser looks plugins up by name, version, namespace
+        load_plugin(trt, builder, plugin)  # before parsing: the parser looks plugins up by name, version, namespace
     # STRONGLY_TYPED: required on TensorRT 10.x for graph-decided precision; 11.x is always strongly
     # typed (the flag is accepted there, and if a later release drops it, 0 means the same)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)

@@ -89,20 +89,17 @@ def tensorrt_header_version(include_dir: Path) -> str:
 
 def plugin_library_tensorrt_major(library: str | Path) -> int | None:
     """The TensorRT major whose headers libmaskrt_plugins.so was built against (it serves processes of
-    that major only); None for a library that does not record it (built before the record existed).
-
-    Loading the library registers nothing: only TensorRT's registry calls its entry points.
+    that major only), read from the record the build leaves in the file (without loading it); None
+    for a file without the record (not our plugin, or built before the record existed).
     """
-    import ctypes
+    if not Path(library).is_file():
+        return None  # a bare name (dlopen searches for it): TensorRT resolves it, and says if it cannot
     try:
-        handle = ctypes.CDLL(str(library))
+        data = Path(library).read_bytes()
     except OSError as err:
-        raise MaskrtError(f"cannot open the plugin library {library}: {err}") from None
-    function = getattr(handle, "maskrt_plugin_tensorrt_major", None)
-    if function is None:
-        return None
-    function.restype = ctypes.c_int32
-    return int(function())
+        raise MaskrtError(f"cannot read the plugin library {library}: {err.strerror}") from None
+    match = re.search(rb"maskrt_plugin_tensorrt_major=(\d+)\0", data)
+    return int(match.group(1)) if match else None
 
 
 def _first_error_line(log: str) -> str:

@@ -112,10 +112,20 @@ class FakeTensorRT(types.ModuleType):
             def __init__(self, severity):
                 calls.append(("Logger", severity))
 
+        registered: set = set()
+
         class Registry:
+            """TensorRT's behaviour: load_library returns None when the plugins are already registered."""
+
             def load_library(self, path):
                 calls.append(("load_library", path))
-                return None if refuse_plugin else object()
+                if refuse_plugin or registered:
+                    return None
+                registered.add(("MultilevelRoIAlign", "1", "maskrt"))
+                return object()
+
+            def get_creator(self, name, version, namespace):
+                return object() if (name, version, namespace) in registered else None
 
         class Input:
             name = "images"
@@ -227,6 +237,15 @@ def test_build_calls_the_builder_api_and_writes_engine_and_sidecar(tmp_path, mon
     assert {k: sidecar[k] for k in METADATA} == METADATA
     assert all(isinstance(v, str) for v in sidecar.values())
     assert sidecar["engine_max_batch"] == "4" and sidecar["engine_tensorrt_version"] == "10.3.0"
+
+
+def test_two_builds_in_one_process_load_the_plugin_once(tmp_path, monkeypatch, plugin_file):
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    write_graph(tmp_path / "model.onnx")
+    assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file))) == 0
+    assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file), out=str(tmp_path / "b.engine"))) == 0
+    assert [c for c in fake.calls if c[0] == "load_library"] == [("load_library", str(plugin_file))]
 
 
 def test_fixed_batch_graph_gets_no_profile(tmp_path, monkeypatch, plugin_file):

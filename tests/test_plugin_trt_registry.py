@@ -161,6 +161,24 @@ def creator(built):
     return trt, found
 
 
+def test_runtime_loads_the_library_once_per_process_with_the_real_registry(creator, built):
+    """The real registry's load_library returns None for plugins already registered (a second
+    Predictor, a reopened engine): maskrt's loader asks for the creator first and succeeds."""
+    from maskrt.runtime.backends.tensorrt import load_plugin_library
+    trt, _ = creator
+    assert trt.get_plugin_registry().load_library(str(built.plugin_library)) is None  # TensorRT's own behaviour
+    load_plugin_library(trt, built.plugin_library)
+    load_plugin_library(trt, built.plugin_library)
+    assert trt.get_plugin_registry().get_creator("MultilevelRoIAlign", "1", "maskrt") is not None
+
+
+def test_runtime_names_a_tensorrt_10_build_in_the_lean_11_runtime(built_per_major):
+    trt = pytest.importorskip("tensorrt_lean", reason="tensorrt_lean is not installed (the `tensorrt` extra)")
+    from maskrt.runtime.backends.tensorrt import load_plugin_library
+    with pytest.raises(MaskrtError, match="built against TensorRT 10 headers but this is TensorRT 11"):
+        load_plugin_library(trt, built_per_major[10].plugin_library)
+
+
 def _fields(trt, **values):
     fields = []
     for name, value in values.items():

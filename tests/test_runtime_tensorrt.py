@@ -49,6 +49,17 @@ def test_registry_refusing_a_library_is_a_loud_error():
         trt_backend.load_plugin_library(trt, Path(libm))
 
 
+def test_a_library_built_for_another_tensorrt_major_is_named(tmp_path):
+    """The build records its TensorRT major in the file; a mismatch is named before TensorRT sees it."""
+    library = tmp_path / "libmaskrt_plugins.so"
+    library.write_bytes(b"\x7fELF..." + b"maskrt_plugin_tensorrt_major=10\0" + b"...")
+    registry = types.SimpleNamespace(load_library=lambda path: pytest.fail("must not reach TensorRT"))
+    trt11 = types.SimpleNamespace(__version__="11.4.0.106", get_plugin_registry=lambda: registry)
+    with pytest.raises(MaskrtError, match=r"built against TensorRT 10 headers but this is TensorRT 11\.4\.0\.106.*"
+                                          r"--tensorrt-include <TensorRT 11 include/>"):
+        trt_backend.load_plugin_library(trt11, library)
+
+
 def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"engine")
@@ -172,11 +183,19 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
             return Context()
 
     class Registry:
+        """TensorRT's behaviour: load_library returns None when the plugins are already registered."""
         loaded: list[str] = []
+        creators: set[tuple[str, str, str]] = set()
 
         def load_library(self, path):
             Registry.loaded.append(path)
+            if trt_backend.PLUGIN_CREATOR in Registry.creators:
+                return None
+            Registry.creators.add(trt_backend.PLUGIN_CREATOR)
             return object()
+
+        def get_creator(self, name, version, namespace):
+            return object() if (name, version, namespace) in Registry.creators else None
 
     class Runtime:
         def __init__(self, logger):
@@ -192,7 +211,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
             pass
 
     registry = Registry()
-    return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger,
+    return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger, __version__="10.3.0",
                                  get_plugin_registry=lambda: registry, registry=registry)
 
 
@@ -223,6 +242,12 @@ def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
     five = [rng.integers(0, 256, (50 + 7 * i, 60, 3), dtype=np.uint8) for i in range(5)]
     for ours, theirs in zip(predictor.batch(five), reference.batch(five)):
         np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
+
+    # A second Predictor on the same engine in the same process: the library is not loaded again
+    # (TensorRT's load_library would return None for plugins already registered).
+    second = Predictor(engine, conf=0.0, plugin=str(plugin))
+    assert fake_trt.registry.loaded == [str(plugin)]
+    assert len(second.batch(images[:1])) == 1
 
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"engine for another TensorRT")

@@ -30,6 +30,10 @@ namespace
 // messages lost; 11.x headers in a 10 process: a crash on the first logged message). So one
 // build serves one major, recorded here, and a process of another major is refused.
 constexpr int32_t kBuiltForTensorRTMajor = NV_TENSORRT_MAJOR;
+#define MASKRT_STRINGIFY_VALUE(x) #x
+#define MASKRT_STRINGIFY(x) MASKRT_STRINGIFY_VALUE(x)
+// The same record as bytes in the file, so that tools read it without loading the library.
+__attribute__((used)) char const kBuildRecord[] = "maskrt_plugin_tensorrt_major=" MASKRT_STRINGIFY(NV_TENSORRT_MAJOR);
 
 using MajorVersionFunction = int32_t (*)();
 

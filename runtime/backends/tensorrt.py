@@ -74,10 +74,37 @@ def find_plugin_library(plugin: str | None = None) -> Path | None:
     return None
 
 
-def load_plugin_library(trt: Any, path: Path) -> None:
-    """Load our plugin library into TensorRT's registry; raise loudly when TensorRT refuses it."""
-    handle = trt.get_plugin_registry().load_library(str(path))
-    if handle is None:
+PLUGIN_CREATOR = ("MultilevelRoIAlign", "1", "maskrt")  # name, version, namespace
+
+
+def _plugin_registered(registry: Any) -> bool:
+    """Whether the registry already holds our creator (TensorRT 10+: get_creator; older: get_plugin_creator)."""
+    get_creator = getattr(registry, "get_creator", None) or getattr(registry, "get_plugin_creator", None)
+    return get_creator is not None and get_creator(*PLUGIN_CREATOR) is not None
+
+
+def load_plugin_library(trt: Any, path: Path, registry: Any = None) -> None:
+    """Load our plugin library into TensorRT's registry (the process-wide one unless given); raise loudly
+    when TensorRT refuses it.
+
+    Loads once per process: TensorRT's ``load_library`` returns None, like a refusal, when the
+    library's plugins are already registered (a second Predictor, a reopened engine), so the
+    registry is asked for the creator first. A library built for another TensorRT major is refused
+    before TensorRT sees it (it would register nothing, see plugins/README.md).
+    """
+    from maskrt.plugins.build import plugin_library_tensorrt_major
+    registry = trt.get_plugin_registry() if registry is None else registry
+    built_for = plugin_library_tensorrt_major(path)
+    version = str(getattr(trt, "__version__", ""))
+    if built_for is not None and version.split(".")[0].isdigit() and int(version.split(".")[0]) != built_for:
+        raise MaskrtError(
+            f"the plugin library {path} was built against TensorRT {built_for} headers but this is TensorRT "
+            f"{version}: a build serves one TensorRT major; rebuild it with `maskrt plugin build --tensorrt-include "
+            f"<TensorRT {version.split('.')[0]} include/>`")
+    if _plugin_registered(registry):
+        return
+    handle = registry.load_library(str(path))
+    if handle is None and not _plugin_registered(registry):
         raise MaskrtError(
             f"TensorRT refused the plugin library {path} (its registry returned None): the library must export "
             "extern \"C\" getCreators and setLoggerFinder and match this TensorRT; rebuild it with `maskrt plugin build`")
