@@ -163,8 +163,14 @@ def _parser_errors(parser: Any) -> str:
 
 
 def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_core: int | None,
-                 max_batch: int | None) -> tuple[bytes, dict[str, str]]:
-    """Build a serialized engine; returns (engine bytes, engine_* facts for the sidecar)."""
+                 max_batch: int | None, version_compatible: bool = False,
+                 exclude_lean_runtime: bool = False) -> tuple[bytes, dict[str, str]]:
+    """Build a serialized engine; returns (engine bytes, engine_* facts for the sidecar).
+
+    version_compatible: BuilderFlag.VERSION_COMPATIBLE, required by the lean and dispatch runtimes
+    (they refuse any other engine); exclude_lean_runtime adds EXCLUDE_LEAN_RUNTIME (the engine then
+    runs only where a lean runtime of the same major is installed: tensorrt_lean itself).
+    """
     trt = import_tensorrt_builder()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -197,6 +203,11 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run (the plugin, fp32) go to the GPU
 
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MaskrtError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
@@ -206,6 +217,8 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
         "engine_max_batch": str(shapes[2][0] if shapes else inputs[INPUT_NAME].shape[0]),
         "engine_workspace_mib": str(workspace_mib),
         "engine_dla_core": "" if dla_core is None else str(dla_core),
+        "engine_version_compatible": "1" if version_compatible else "0",
+        "engine_lean_runtime_excluded": "1" if version_compatible and exclude_lean_runtime else "0",
     }
     return bytes(memoryview(serialized)), facts
 
@@ -224,7 +237,8 @@ def write_sidecar(onnx_path: str | Path, engine_path: str | Path, facts: dict[st
 
 
 def build_command(args: argparse.Namespace) -> int:
-    """`maskrt build --onnx FILE --out FILE.engine [--plugin LIB] [--workspace MB] [--dla N] [--max-batch N]`."""
+    """`maskrt build --onnx FILE --out FILE.engine [--plugin LIB] [--workspace MB] [--dla N] [--max-batch N]
+    [--version-compatible [--exclude-lean-runtime]]`."""
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise MaskrtError(f"ONNX file not found: {onnx_path}")
@@ -234,6 +248,10 @@ def build_command(args: argparse.Namespace) -> int:
         raise MaskrtError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.dla is not None and args.dla < 0:
         raise MaskrtError(f"--dla must be a DLA core index >= 0, got {args.dla}")
+    version_compatible = bool(getattr(args, "version_compatible", False))
+    exclude_lean_runtime = bool(getattr(args, "exclude_lean_runtime", False))
+    if exclude_lean_runtime and not version_compatible:
+        raise MaskrtError("--exclude-lean-runtime applies to version-compatible engines: add --version-compatible")
     summary = read_onnx_summary(onnx_path)
     import_tensorrt_builder()  # before any work: the missing builder is the message to give
     plugin = find_plugin_library(args.plugin)
@@ -244,7 +262,8 @@ def build_command(args: argparse.Namespace) -> int:
         print(f"maskrt: note: {onnx_path} was exported with --target {summary.metadata['target']}; "
               "--target tensorrt is the graph made for TensorRT", file=sys.stderr)
 
-    engine, facts = build_engine(onnx_path, plugin, args.workspace or 2048, args.dla, args.max_batch)
+    engine, facts = build_engine(onnx_path, plugin, args.workspace or 2048, args.dla, args.max_batch,
+                                 version_compatible, exclude_lean_runtime)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(engine)

@@ -104,7 +104,8 @@ class FakeTensorRT(types.ModuleType):
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
-        self.BuilderFlag = types.SimpleNamespace(GPU_FALLBACK="GPU_FALLBACK")
+        self.BuilderFlag = types.SimpleNamespace(GPU_FALLBACK="GPU_FALLBACK", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
+                                                 EXCLUDE_LEAN_RUNTIME="EXCLUDE_LEAN_RUNTIME")
 
         class Logger:
             WARNING = "WARNING"
@@ -246,6 +247,24 @@ def test_two_builds_in_one_process_load_the_plugin_once(tmp_path, monkeypatch, p
     assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file))) == 0
     assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file), out=str(tmp_path / "b.engine"))) == 0
     assert [c for c in fake.calls if c[0] == "load_library"] == [("load_library", str(plugin_file))]
+
+
+def test_version_compatible_engine_for_the_lean_runtime(tmp_path, monkeypatch, plugin_file):
+    """The lean and dispatch runtimes run only version-compatible engines: --version-compatible sets
+    the builder flag (and --exclude-lean-runtime its companion) and records it in the sidecar."""
+    write_graph(tmp_path / "model.onnx")
+    for extra, flags in (({}, []), ({"version_compatible": True}, ["VERSION_COMPATIBLE"]),
+                         ({"version_compatible": True, "exclude_lean_runtime": True},
+                          ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"])):
+        fake = FakeTensorRT()
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file), **extra)) == 0
+        assert [c[1] for c in fake.calls if c[0] == "flag"] == flags
+        sidecar = json.loads((tmp_path / "out" / "model.engine.json").read_text())
+        assert sidecar["engine_version_compatible"] == ("1" if flags else "0")
+        assert sidecar["engine_lean_runtime_excluded"] == ("1" if len(flags) == 2 else "0")
+    with pytest.raises(MaskrtError, match="--exclude-lean-runtime applies to version-compatible engines"):
+        engine.build_command(build_args(tmp_path, plugin=str(plugin_file), exclude_lean_runtime=True))
 
 
 def test_fixed_batch_graph_gets_no_profile(tmp_path, monkeypatch, plugin_file):

@@ -130,8 +130,9 @@ class FakeCudart:
         return (0,)
 
 
-def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
+def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_name="tensorrt"):
     """A fake `tensorrt` module whose engine returns `reference_outputs(images)`."""
+    runtimes: list = []
     DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32", INT8="INT8", BOOL="BOOL",
                                      INT64="INT64")
     dtypes = {"images": "FLOAT", "num_dets": "INT32", "boxes": "FLOAT", "scores": "FLOAT", "labels": "INT32",
@@ -198,8 +199,10 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
             return object() if (name, version, namespace) in Registry.creators else None
 
     class Runtime:
+        engine_host_code_allowed = False
+
         def __init__(self, logger):
-            pass
+            runtimes.append(self)
 
         def deserialize_cuda_engine(self, data):
             return Engine() if data == b"good engine" else None
@@ -212,7 +215,8 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
 
     registry = Registry()
     return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger, __version__="10.3.0",
-                                 get_plugin_registry=lambda: registry, registry=registry)
+                                 __name__=module_name, get_plugin_registry=lambda: registry, registry=registry,
+                                 runtimes=runtimes)
 
 
 def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
@@ -254,3 +258,32 @@ def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
     (tmp_path / "bad.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
     with pytest.raises(MaskrtError, match="could not deserialise"):
         Predictor(bad, plugin=str(plugin))
+
+
+def test_lean_runtime_names_a_missing_version_compatible_build(tmp_path, monkeypatch):
+    """tensorrt_lean runs only version-compatible engines: a refused engine says so, not 'wrong version'."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine for another TensorRT")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    fake_lean = make_fake_trt(None, module_name="tensorrt_lean")
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_lean)
+    monkeypatch.setattr(trt_backend, "import_cudart", FakeCudart)
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    with pytest.raises(MaskrtError, match=r"tensorrt_lean runs only version-compatible engines .* "
+                                          r"`maskrt build --version-compatible`"):
+        Predictor(engine, plugin=str(plugin))
+    assert fake_lean.runtimes[-1].engine_host_code_allowed is False
+    # A version-compatible engine carrying the lean runtime is host code: allowed for it only.
+    (tmp_path / "m.engine.json").write_text(json.dumps({**fake_metadata((128, 128)), "engine_version_compatible": "1",
+                                                        "engine_lean_runtime_excluded": "0"}))
+    with pytest.raises(MaskrtError, match="could not deserialise"):
+        Predictor(engine, plugin=str(plugin))
+    assert fake_lean.runtimes[-1].engine_host_code_allowed is True
+
+
+def test_the_real_lean_module_is_recognised():
+    trt = pytest.importorskip("tensorrt_lean")
+    assert trt_backend.is_lean_or_dispatch(trt)
+    message = trt_backend.deserialise_failure(trt, Path("m.engine"), None, version_compatible=False)
+    assert "runs only version-compatible engines" in message

@@ -2,7 +2,8 @@
 
 Uses only the API TensorRT 10.3 (JetPack 6) and TensorRT 11 share: named I/O tensors,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``. Works with the full
-``tensorrt`` package or the lean runtime ``tensorrt_lean``. GPU memory goes through
+``tensorrt`` package or the lean runtime ``tensorrt_lean``; the lean (and dispatch) runtime runs
+only version-compatible engines (``maskrt build --version-compatible``), and says so. GPU memory goes through
 cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), imported lazily.
 
 Our MultilevelRoIAlign plugin library must be loaded before deserialising: from the
@@ -110,6 +111,23 @@ def load_plugin_library(trt: Any, path: Path, registry: Any = None) -> None:
             "extern \"C\" getCreators and setLoggerFinder and match this TensorRT; rebuild it with `maskrt plugin build`")
 
 
+def is_lean_or_dispatch(trt: Any) -> bool:
+    """Whether the module is TensorRT's lean or dispatch runtime (they run version-compatible engines only)."""
+    return str(getattr(trt, "__name__", "")).split(".")[0] in ("tensorrt_lean", "tensorrt_dispatch")
+
+
+def deserialise_failure(trt: Any, path: Path, library: Path | None, version_compatible: bool) -> str:
+    """The one-line reason for a refused engine: the lean runtime's real cause first."""
+    if is_lean_or_dispatch(trt) and not version_compatible:
+        return (f"{trt.__name__} runs only version-compatible engines and {path} is not one (its sidecar has no "
+                "engine_version_compatible=1): rebuild it with `maskrt build --version-compatible` "
+                "(or trtexec --versionCompatible), or run it with the full `tensorrt` package")
+    hint = (f"plugin library {library} loaded" if library is not None else
+            f"no plugin library found (give --plugin or ${PLUGIN_ENV})")
+    return (f"TensorRT could not deserialise {path} ({hint}); an engine runs only with the TensorRT version and "
+            "GPU it was built for (a version-compatible one also with later versions of the same major)")
+
+
 def read_sidecar_metadata(path: Path) -> dict[str, str]:
     """The JSON object in ``<engine>.json`` as a dict of strings."""
     sidecar = path.with_name(path.name + ".json")
@@ -173,12 +191,13 @@ class TensorRTBackend:
             load_plugin_library(trt, library)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        version_compatible = self.metadata.get("engine_version_compatible") == "1"
+        if version_compatible and self.metadata.get("engine_lean_runtime_excluded") != "1":
+            # The engine carries the lean runtime (host code): allowed for engines maskrt built so.
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            hint = (f"plugin library {library} loaded" if library is not None else
-                    f"no plugin library found (give --plugin or ${PLUGIN_ENV})")
-            raise MaskrtError(f"TensorRT could not deserialise {self.path} ({hint}); "
-                              "an engine runs only with the TensorRT version and GPU it was built for")
+            raise MaskrtError(deserialise_failure(trt, self.path, library, version_compatible))
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = "images"
