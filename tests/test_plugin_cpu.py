@@ -13,7 +13,7 @@ import pytest
 
 from maskrt.errors import MaskrtError
 from maskrt.plugins import cpu
-from test_plugin_reference import (SEED_EXPECTED, SEED_MAP, SEED_ROI, reference_level,
+from test_plugin_reference import (big_adaptive_roi_case, SEED_EXPECTED, SEED_MAP, SEED_ROI, reference_level,
                                    reference_multilevel_roi_align)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,3 +255,18 @@ def test_non_finite_roi_gives_zeros_and_terminates(sampling_ratio):
                                    output_height=2, output_width=2, sampling_ratio=sampling_ratio)
     assert np.all(out[0, :2] == 0.0)
     assert np.any(out[0, 2] != 0.0)  # the finite RoI is pooled as usual
+
+
+def test_adaptive_grid_is_capped_like_the_contract():
+    """sampling_ratio 0 takes at most 64 samples per bin side (a grid of 100 x 90 here): the CPU twin
+    and the PyTorch graph op equal the float64 reference, which equals a fixed grid of 64."""
+    rois, features = big_adaptive_roi_case()
+    expected = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    got = cpu.multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import multilevel_roi_align
+    with torch.no_grad():
+        ours = multilevel_roi_align(torch.from_numpy(rois), [torch.from_numpy(features[0])], [1.0], 1, 1, 0,
+                                    False, 224.0, 0, "avg").numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ from maskrt.cli import main as cli_main
 from maskrt.errors import MaskrtError
 from maskrt.plugins import build as plugin_build
 from maskrt.plugins.kernel_lib import KernelLibrary, RoIAlignAttributes
-from test_plugin_reference import reference_level, reference_multilevel_roi_align
+from test_plugin_reference import big_adaptive_roi_case, reference_level, reference_multilevel_roi_align
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACT = json.loads((REPO / "plugins" / "multilevel_roi_align.json").read_text())
@@ -314,3 +314,15 @@ def test_fp32_host_emulation_equals_the_cpu_twin_on_the_gpu_checks_case(kernels)
         ours = kernels.host_emulation(rois, features, RoIAlignAttributes(sampling_ratio=sampling_ratio))
         theirs = cpu_twin(rois, features, list(SCALES), 7, 7, sampling_ratio)
         assert np.array_equal(ours, theirs)
+
+
+def test_adaptive_grid_is_capped_like_the_contract(kernels):
+    """At most 64 samples per bin side (was 2^20: up to 2^40 iterations in one GPU thread while
+    TensorRT times the plugin on arbitrary data)."""
+    rois, features = big_adaptive_roi_case()
+    expected = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    attrs = RoIAlignAttributes(output_height=1, output_width=1, sampling_ratio=0, spatial_scales=(1.0,),
+                               canonical_level=0)
+    np.testing.assert_allclose(kernels.host_emulation(rois, features, attrs), expected, rtol=0, atol=1e-5)
+    huge = np.array([[[0.0, 0.0, 1e9, 1e9]]], np.float32)  # would be 2^40 samples: now 64 x 64
+    assert np.isfinite(kernels.host_emulation(huge, features, attrs)).all()

@@ -32,6 +32,10 @@ from maskrt.errors import MaskrtError
 # stay near the caches measured ~25% faster on CPU than 32 MiB ones (bench/ops.py).
 _GATHER_BUDGET = 1 << 20
 
+# Adaptive sampling (sampling_ratio 0) takes at most this many samples per bin side: the
+# MultilevelRoIAlign contract's cap (plugins/README.md), the same in every implementation.
+ADAPTIVE_GRID_MAX = 64
+
 # avg RoIs whose window of cells is well below their tap count use the window form
 # (tests switch it off to check both forms against the same references).
 _WINDOW_FORM = True
@@ -255,8 +259,9 @@ def _sample_plans(
         grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
         grid_w = grid_h
     else:
-        grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0).long()
-        grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0).long()
+        # at most ADAPTIVE_GRID_MAX per side (the MultilevelRoIAlign contract's cap; torchvision has none)
+        grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0, max=ADAPTIVE_GRID_MAX).long()
+        grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0, max=ADAPTIVE_GRID_MAX).long()
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
     taps = ph * pw * grid_h.clamp(min=1) * grid_w.clamp(min=1) * 4
     # Cells a window spans: the RoI's extent plus the bilinear neighbours, within the map.

@@ -16,6 +16,8 @@
 namespace {
 
 constexpr int32_t kMaxLevels = 5;
+// Adaptive sampling takes at most this many samples per bin side (the contract's cap).
+constexpr int64_t kAdaptiveGridMax = 64;
 
 // ---- IEEE binary16 <-> float32, round to nearest even (no dependency on compiler _Float16) ----
 
@@ -126,13 +128,13 @@ void sample_axis(float start, float bin_size, int32_t bins, int64_t grid, int64_
   }
 }
 
-// Samples per bin side: fixed, or adaptive ceil(roi_size / bins). A NaN or negative size gives 0
-// samples (torchvision would give a bin of 0 too: no sample runs).
+// Samples per bin side: fixed, or adaptive min(ceil(roi_size / bins), kAdaptiveGridMax). A NaN or
+// negative size gives 0 samples (torchvision would give a bin of 0 too: no sample runs).
 int64_t grid_size(int32_t sampling_ratio, float roi_size, int32_t bins) {
   if (sampling_ratio > 0) return sampling_ratio;
   const float adaptive = std::ceil(roi_size / static_cast<float>(bins));
   if (!(adaptive >= 0.0f)) return 0;
-  if (adaptive > 1.0e6f) return 1000000;  // keeps the float -> int64 conversion defined for huge RoIs
+  if (adaptive > static_cast<float>(kAdaptiveGridMax)) return kAdaptiveGridMax;
   return static_cast<int64_t>(adaptive);
 }
 

@@ -121,12 +121,12 @@ MASKRT_HOST_DEVICE float bilinearSample(T const* __restrict__ plane, int32_t hei
     return w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4;
 }
 
-//! Adaptive sample count along one side: ceil(bin size). A bin of size <= 0 or NaN has no samples
-//! (torchvision gets 0 there too, through an empty loop); the cap only keeps the float-to-int
-//! conversion defined for absurd RoIs (a grid that large would not finish anyway).
+//! Adaptive sample count along one side: min(ceil(bin size), kAdaptiveGridMax). A bin of size <= 0
+//! or NaN has no samples (torchvision gets 0 there too, through an empty loop). The cap is the
+//! contract's: it bounds the work of one output (TensorRT times the plugin on arbitrary data).
 MASKRT_HOST_DEVICE int32_t adaptiveGrid(float binSize)
 {
-    return binSize > 0.F ? static_cast<int32_t>(fminf(ceilf(binSize), 1048576.F)) : 0;
+    return binSize > 0.F ? static_cast<int32_t>(fminf(ceilf(binSize), static_cast<float>(kAdaptiveGridMax))) : 0;
 }
 
 //! The value of output element `index` of the [B, R, C, outputHeight, outputWidth] output,
@@ -198,7 +198,7 @@ MASKRT_HOST_DEVICE float poolOutputElement(MultilevelRoIAlignParams const& param
     {
         return hasSamples ? maximum : 0.F;
     }
-    int32_t const count = hasSamples ? gridH * gridW : 1;
+    int64_t const count = hasSamples ? static_cast<int64_t>(gridH) * gridW : 1;
     return sum / static_cast<float>(count);
 }
 
