@@ -99,10 +99,15 @@ def test_float16_is_float32_math_rounded_once():
 def test_roi_levels_follow_the_level_rule():
     sides = np.array([1.0, 111.9, 112.0, 223.9, 224.0, 447.9, 448.0, 5000.0])
     boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], axis=-1)
-    boxes = np.concatenate([boxes, [[5, 5, 5, 9], [9, 9, 1, 1]]])  # zero area, inverted -> finest
+    # zero area, small inverted -> finest; inverted on both axes -> by size (torchvision's area);
+    # inverted on one axis (negative area) -> finest
+    boxes = np.concatenate([boxes, [[5, 5, 5, 9], [9, 9, 1, 1], [400, 400, 100, 100], [400, 100, 100, 400]]])
     got = cpu.roi_levels(boxes)
     assert got.tolist() == [reference_level(b, SCALES) for b in boxes]
-    assert got.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    assert got.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 2, 0]
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import fpn_level
+    assert (fpn_level(torch.tensor(boxes, dtype=torch.float32), 2, 5) - 2).tolist() == got.tolist()
 
 
 def _ort_roi_align(feature: np.ndarray, boxes: np.ndarray, batch_indices: np.ndarray, height: int, width: int,

@@ -19,10 +19,11 @@ ADAPTIVE_GRID_MAX = 64  # plugins/README.md: adaptive sampling takes at most 64 
 
 def reference_level(box: Sequence[float], spatial_scales: Sequence[float], canonical_scale: float = 224.0,
                     canonical_level: int = 4) -> int:
-    """0-based feature input of one RoI: floor(k0 + log2(sqrt(area)/s0) + 1e-6) clamped."""
+    """0-based feature input of one RoI: floor(k0 + log2(sqrt(area)/s0) + 1e-6) clamped, with
+    area = (x2-x1)*(y2-y1) (torchvision's; inverted on both axes is positive), <= 0 -> finest."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-    k = -math.inf if area == 0 else math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_scale) + 1e-6)
+    area = (x2 - x1) * (y2 - y1)
+    k = -math.inf if not area > 0 else math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_scale) + 1e-6)
     k_min = round(-math.log2(spatial_scales[0]))
     k_max = round(-math.log2(spatial_scales[-1]))
     return int(min(max(k, k_min), k_max)) - k_min
@@ -109,6 +110,17 @@ def test_reference_level_rule_matches_seed_example_4(side, expected_level):
     # seed-notes 4 / anchors: sqrt(area) < 112 -> P2, < 224 -> P3, < 448 -> P4, else P5
     scales = [0.25, 0.125, 0.0625, 0.03125]
     assert reference_level([0, 0, side, side], scales) + 2 == expected_level
+
+
+def test_reference_level_rule_for_inverted_rois_is_torchvisions():
+    """torchvision's LevelMapper takes area = (x2-x1)*(y2-y1): a RoI inverted on both axes has a positive
+    area and the level of its size; inverted on one axis the area is negative (torchvision: NaN),
+    which the contract sends to the finest level like area 0."""
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    assert reference_level([400, 400, 100, 100], scales) == 2  # 300 x 300 -> P4
+    assert reference_level([100, 100, 400, 400], scales) == 2
+    assert reference_level([400, 100, 100, 400], scales) == 0  # one axis inverted -> P2
+    assert reference_level([100, 400, 400, 100], scales) == 0
 
 
 def test_reference_max_mode_and_out_of_map_samples():

@@ -146,16 +146,19 @@ def test_level_mapping_boundaries(kernels):
     """Each level's map holds its level number, so the output names the level each RoI pooled from.
 
     With canonical_scale 224 (anchors.md, PyramidROIAlign's rule): sqrt(area) < 112 -> P2,
-    < 224 -> P3, < 448 -> P4, else P5; area 0 -> P2; inverted boxes have area 0.
+    < 224 -> P3, < 448 -> P4, else P5; area 0 -> P2; inverted on both axes: by size (torchvision's
+    area); inverted on one axis (negative area) -> P2.
     """
     sides = [1.0, 111.5, 112.0, 223.5, 224.0, 447.0, 448.0, 2000.0]
     expected_levels = [0, 0, 1, 1, 2, 2, 3, 3]
     # Centred on the origin: the single sample point is (0, 0), inside every map.
     rois = [[-side / 2, -side / 2, side / 2, side / 2] for side in sides]
     rois += [[5.0, 5.0, 5.0, 90.0], [90.0, 90.0, 10.0, 10.0]]  # zero width, inverted
-    expected_levels += [0, 0]
+    # inverted on both axes (300 x 300 -> P4), on one axis (area < 0 -> P2); samples inside every map
+    rois += [[1.0, 1.0, -299.0, -299.0], [1.0, 1.0, -299.0, 301.0]]
+    expected_levels += [0, 0, 2, 0]
     rois = np.array([rois], np.float32)
-    features = [np.full((1, 1, 32 >> level, 32 >> level), float(level), np.float32) for level in range(4)]
+    features = [np.full((1, 1, 256 >> level, 256 >> level), float(level), np.float32) for level in range(4)]
     got = kernels.host_emulation(rois, features, RoIAlignAttributes(output_height=1, output_width=1,
                                                                     sampling_ratio=1))
     assert [reference_level(box, SCALES) for box in rois[0]] == expected_levels

@@ -571,14 +571,15 @@ def fpn_level(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 22
     """FPN level of each box (torchvision's LevelMapper, eq. 1 of the FPN paper). boxes [..., 4] -> int64 [...].
 
     k = floor(canonical_level + log2(sqrt(area)/canonical_scale) + 1e-6), clamped to
-    [k_min, k_max]; area = max(w,0)*max(h,0), so empty and inverted boxes go to k_min.
+    [k_min, k_max]; area = (x2-x1)*(y2-y1) as torchvision's (a box inverted on both axes has a
+    positive area), and an area <= 0 or NaN goes to k_min (plugins/README.md).
     """
     if boxes.shape[-1] != 4:
         raise MaskrtError(f"fpn_level boxes must be [..., 4] xyxy, got {tuple(boxes.shape)}")
     boxes = boxes.detach()
     if boxes.dtype not in (torch.float32, torch.float64):
         boxes = boxes.float()
-    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    area = torch.nan_to_num((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), nan=0.0).clamp(min=0)
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + 1e-6)
     return level.clamp(min=k_min, max=k_max).to(torch.int64)
 

@@ -261,9 +261,9 @@ extern "C" const char* maskrt_cpu_error_string(int code) {
 
 extern "C" int32_t maskrt_cpu_roi_level(float x1, float y1, float x2, float y2, const float* spatial_scales,
                                         int32_t num_levels, float canonical_scale, int32_t canonical_level) {
-  const float width = (x2 - x1) > 0.0f ? (x2 - x1) : 0.0f;  // NaN -> 0 too
-  const float height = (y2 - y1) > 0.0f ? (y2 - y1) : 0.0f;
-  const float area = width * height;
+  // torchvision's area (x2-x1)*(y2-y1): inverted on both axes is positive; <= 0 or NaN -> 0 (-> k_min)
+  const float signed_area = (x2 - x1) * (y2 - y1);
+  const float area = signed_area > 0.0f ? signed_area : 0.0f;
   // torchvision LevelMapper in float32: floor(k0 + log2(sqrt(area) / s0) + eps); area 0 -> -inf
   const float k = std::floor(static_cast<float>(canonical_level) + std::log2(std::sqrt(area) / canonical_scale) +
                              1e-6f);
