@@ -275,3 +275,29 @@ def test_adaptive_grid_is_capped_like_the_contract():
         ours = multilevel_roi_align(torch.from_numpy(rois), [torch.from_numpy(features[0])], [1.0], 1, 1, 0,
                                     False, 224.0, 0, "avg").numpy()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["coarsest_first", "swapped_middle", "same_size"])
+def test_feature_maps_out_of_level_order_are_refused(order):
+    """Maps must shrink level by level as spatial_scales say (each half the previous, rounded either
+    way); in another order every RoI pooled silently from the wrong map. CPU twin and PyTorch op."""
+    rois, features = random_case(seed=3)
+    bad = {"coarsest_first": features[::-1], "swapped_middle": [features[0], features[2], features[1], features[3]],
+           "same_size": [features[0]] * 4}[order]
+    with pytest.raises(MaskrtError, match="feature maps must be finest first, each half the previous one"):
+        cpu.multilevel_roi_align(rois, bad, SCALES, 5, 4)
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import multilevel_roi_align
+    with pytest.raises(MaskrtError, match="feature maps must be finest first, each half the previous one"):
+        multilevel_roi_align(torch.from_numpy(rois), [torch.from_numpy(f) for f in bad], SCALES, 5, 4, 2, False)
+
+
+def test_odd_map_sizes_rounded_either_way_are_accepted():
+    """A 50 x 75 input's maps: 13x19 -> 7x10 (ceil) or 6x9 (floor) are both half the previous one."""
+    rng = np.random.default_rng(4)
+    rois = np.array([[[1.0, 2.0, 30.0, 40.0]]], np.float32)
+    for sizes in ([(13, 19), (7, 10), (4, 5), (2, 3)], [(13, 19), (6, 9), (3, 4), (1, 2)]):
+        features = [rng.normal(size=(1, 2, h, w)).astype(np.float32) for h, w in sizes]
+        got = cpu.multilevel_roi_align(rois, features, SCALES, 2, 2, 2)
+        expected = reference_multilevel_roi_align(rois, features, SCALES, 2, 2, 2)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

@@ -329,3 +329,15 @@ def test_adaptive_grid_is_capped_like_the_contract(kernels):
     np.testing.assert_allclose(kernels.host_emulation(rois, features, attrs), expected, rtol=0, atol=1e-5)
     huge = np.array([[[0.0, 0.0, 1e9, 1e9]]], np.float32)  # would be 2^40 samples: now 64 x 64
     assert np.isfinite(kernels.host_emulation(huge, features, attrs)).all()
+
+
+def test_feature_maps_out_of_level_order_are_refused_by_the_kernel(kernels):
+    """The plugin's enqueue/onShapeChange check (validateMultilevelRoIAlignParams): maps must shrink
+    level by level as spatial_scales say, rounded either way."""
+    attrs = RoIAlignAttributes()
+    finest_first = [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert kernels.check(2, 3, 4, finest_first, attrs) is None
+    assert kernels.check(2, 3, 4, [(13, 19), (7, 10), (3, 5), (2, 2)], attrs) is None  # odd sizes, either rounding
+    for bad in (finest_first[::-1], [(16, 24), (4, 6), (8, 12), (2, 3)], [(16, 24)] * 4, [(16, 24), (8, 24), (4, 6), (2, 3)]):
+        message = kernels.check(2, 3, 4, bad, attrs)
+        assert message is not None and message.startswith("feature maps must be finest first"), (bad, message)

@@ -685,6 +685,14 @@ def _check_features(rois: Tensor, features: Sequence[Tensor], spatial_scales: Se
                 f"feature maps must be [B,C,H_l,W_l] with the rois' B={rois.shape[0]} and one C, got "
                 f"{[tuple(f.shape) for f in features]}"
             )
+    # Level order (the contract): each map half the previous one, rounded either way, finest first.
+    # Maps in another order would pool silently from the wrong level.
+    for previous, feature in zip(features, features[1:]):
+        if any(abs(2 * int(feature.shape[d]) - int(previous.shape[d])) > 1 for d in (2, 3)):
+            raise MaskrtError(
+                f"feature maps must be finest first, each half the previous one (as spatial_scales "
+                f"{list(spatial_scales)}): got H x W {[tuple(f.shape[2:]) for f in features]}"
+            )
 
 
 def multilevel_roi_align_eager(

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -255,6 +256,9 @@ extern "C" const char* maskrt_cpu_error_string(int code) {
     case MASKRT_CPU_BAD_ATTRIBUTE: return "aligned and mode must be 0 or 1, canonical_scale > 0";
     case MASKRT_CPU_BAD_DTYPE: return "dtype must be 0 (float32) or 1 (float16)";
     case MASKRT_CPU_OUT_OF_MEMORY: return "out of memory";
+    case MASKRT_CPU_BAD_LEVEL_ORDER:
+      return "feature maps must be finest first, each half the previous one in H and W (rounded either way), "
+             "as spatial_scales say";
     default: return "unknown error code";
   }
 }
@@ -294,6 +298,12 @@ extern "C" int maskrt_multilevel_roi_align_cpu(const void* rois, const void* con
   }
   for (int32_t level = 0; level < num_levels; ++level) {
     if (heights[level] < 1 || widths[level] < 1) return MASKRT_CPU_BAD_SHAPE;
+  }
+  // Level order: each map half the previous one (rounded either way), finest first, as the scales say.
+  for (int32_t level = 1; level < num_levels; ++level) {
+    if (std::llabs(2 * heights[level] - heights[level - 1]) > 1 || std::llabs(2 * widths[level] - widths[level - 1]) > 1) {
+      return MASKRT_CPU_BAD_LEVEL_ORDER;
+    }
   }
   if (output_height < 1 || output_width < 1) return MASKRT_CPU_BAD_OUTPUT_SIZE;
   if (const int status = validate_scales(spatial_scales, num_levels); status != MASKRT_CPU_OK) return status;

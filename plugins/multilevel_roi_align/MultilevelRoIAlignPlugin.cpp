@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -503,6 +504,18 @@ int32_t MultilevelRoIAlignPlugin::configurePlugin(
             {
                 logError("feature input " + std::to_string(i) + " must share B with the rois and C with input 1");
                 return -1;
+            }
+            // Level order, where both sizes are known at build time (else checked in onShapeChange).
+            Dims const& previous = in[i - 1].desc.dims;
+            for (int32_t axis = 2; i > 1 && axis < 4; ++axis)
+            {
+                if (features.d[axis] != -1 && previous.d[axis] != -1
+                    && std::abs(2 * features.d[axis] - previous.d[axis]) > 1)
+                {
+                    logError("feature maps must be finest first, each half the previous one in H and W (rounded "
+                             "either way), as spatial_scales say: input " + std::to_string(i) + " is not");
+                    return -1;
+                }
             }
         }
         return 0;
