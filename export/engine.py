@@ -136,10 +136,13 @@ def load_plugin(trt: Any, builder: Any, library: Path) -> None:
     load_plugin_library(trt, library, builder.get_plugin_registry())
 
 
-def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None) -> tuple[tuple[int, ...], ...] | None:
+def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None,
+                   dla: bool = False) -> tuple[tuple[int, ...], ...] | None:
     """(min, opt, max) shapes of ``images`` for a dynamic batch; None when the graph fixes the batch.
 
     opt is batch 1 (a camera stream runs one frame at a time); max is --max-batch (default 8).
+    On the DLA (dla=True) min = opt = max = --max-batch (default 1): the DLA runs only fixed shapes,
+    and with GPU fallback a dynamic profile silently puts every layer on the GPU.
     """
     if len(input_shape) != 4 or any(d < 0 for d in input_shape[1:]):
         raise MaskrtError(f"input {INPUT_NAME!r} must be [B,3,H,W] with fixed C, H, W; the graph has {list(input_shape)}")
@@ -149,8 +152,11 @@ def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None) -> tuple
             raise MaskrtError(f"the graph was exported with a fixed batch of {fixed_batch}: --max-batch {max_batch} "
                               "needs a dynamic-batch export (maskrt export without --batch)")
         return None
-    largest = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     rest = tuple(input_shape[1:])
+    if dla:
+        fixed = 1 if max_batch is None else max_batch
+        return (fixed, *rest), (fixed, *rest), (fixed, *rest)
+    largest = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     return (1, *rest), (1, *rest), (largest, *rest)
 
 
@@ -187,7 +193,7 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     if INPUT_NAME not in inputs:
         raise MaskrtError(f"{onnx_path} has no input named {INPUT_NAME!r} (inputs: {sorted(inputs)})")
-    shapes = profile_shapes(tuple(inputs[INPUT_NAME].shape), max_batch)
+    shapes = profile_shapes(tuple(inputs[INPUT_NAME].shape), max_batch, dla=dla_core is not None)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)

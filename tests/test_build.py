@@ -91,6 +91,13 @@ def test_profile_shapes():
         engine.profile_shapes((-1, 3, -1, -1), None)
 
 
+def test_dla_profile_is_a_fixed_batch():
+    """The DLA needs min = opt = max; with GPU fallback a dynamic profile put every layer on the GPU."""
+    assert engine.profile_shapes((-1, 3, 64, 96), None, dla=True) == ((1, 3, 64, 96),) * 3
+    assert engine.profile_shapes((-1, 3, 64, 96), 4, dla=True) == ((4, 3, 64, 96),) * 3
+    assert engine.profile_shapes((2, 3, 64, 96), None, dla=True) is None
+
+
 # ---- a recording stand-in for the tensorrt module -----------------------------------------
 
 class FakeTensorRT(types.ModuleType):
@@ -229,7 +236,8 @@ def test_build_calls_the_builder_api_and_writes_engine_and_sidecar(tmp_path, mon
     assert ("load_library", str(plugin_file)) in calls
     assert ("create_network", 1 << 5) in calls  # STRONGLY_TYPED only
     assert ("memory_pool", "WORKSPACE", 1024 << 20) in calls
-    assert ("profile", ("images", (1, 3, 64, 96), (1, 3, 64, 96), (4, 3, 64, 96))) in calls
+    # --dla: min = opt = max (the DLA runs fixed shapes only)
+    assert ("profile", ("images", (4, 3, 64, 96), (4, 3, 64, 96), (4, 3, 64, 96))) in calls
     assert ("config", "default_device_type", "DLA") in calls and ("config", "DLA_core", 1) in calls
     assert ("flag", "GPU_FALLBACK") in calls
     out = tmp_path / "out" / "model.engine"
@@ -237,7 +245,8 @@ def test_build_calls_the_builder_api_and_writes_engine_and_sidecar(tmp_path, mon
     sidecar = json.loads((tmp_path / "out" / "model.engine.json").read_text())
     assert {k: sidecar[k] for k in METADATA} == METADATA
     assert all(isinstance(v, str) for v in sidecar.values())
-    assert sidecar["engine_max_batch"] == "4" and sidecar["engine_tensorrt_version"] == "10.3.0"
+    assert sidecar["engine_max_batch"] == sidecar["engine_min_batch"] == "4"
+    assert sidecar["engine_tensorrt_version"] == "10.3.0" and sidecar["engine_dla_core"] == "1"
 
 
 def test_two_builds_in_one_process_load_the_plugin_once(tmp_path, monkeypatch, plugin_file):

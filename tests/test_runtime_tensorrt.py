@@ -130,8 +130,10 @@ class FakeCudart:
         return (0,)
 
 
-def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_name="tensorrt"):
-    """A fake `tensorrt` module whose engine returns `reference_outputs(images)`."""
+def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_name="tensorrt",
+                  profile_batches=(1, 1, MAX_BATCH)):
+    """A fake `tensorrt` module whose engine returns `reference_outputs(images)`; its optimisation
+    profile accepts batches profile_batches[0] to profile_batches[2] (min, opt, max)."""
     runtimes: list = []
     DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32", INT8="INT8", BOOL="BOOL",
                                      INT64="INT64")
@@ -145,7 +147,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_nam
 
         def set_input_shape(self, name, shape):
             self.shapes[name] = tuple(shape)
-            return shape[1:] == (3, 128, 128) and 1 <= shape[0] <= MAX_BATCH
+            return shape[1:] == (3, 128, 128) and profile_batches[0] <= shape[0] <= profile_batches[2]
 
         def get_tensor_shape(self, name):
             batch = self.shapes["images"][0]
@@ -178,7 +180,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_nam
             return (-1, 3, 128, 128) if name == "images" else (-1,)
 
         def get_tensor_profile_shape(self, name, profile):
-            return [(1, 3, 128, 128), (1, 3, 128, 128), (MAX_BATCH, 3, 128, 128)]
+            return [(batch, 3, 128, 128) for batch in profile_batches]
 
         def create_execution_context(self):
             return Context()
@@ -200,11 +202,13 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_nam
 
     class Runtime:
         engine_host_code_allowed = False
+        DLA_core = -1
 
         def __init__(self, logger):
             runtimes.append(self)
 
         def deserialize_cuda_engine(self, data):
+            self.dla_core_at_deserialisation = self.DLA_core
             return Engine() if data == b"good engine" else None
 
     class Logger:
@@ -287,3 +291,30 @@ def test_the_real_lean_module_is_recognised():
     assert trt_backend.is_lean_or_dispatch(trt)
     message = trt_backend.deserialise_failure(trt, Path("m.engine"), None, version_compatible=False)
     assert "runs only version-compatible engines" in message
+
+
+@pytest.mark.parametrize("profile_batches", [(2, 2, 2), (2, 2, 3)])
+def test_engine_whose_profile_minimum_is_above_one(tmp_path, monkeypatch, profile_batches):
+    """A DLA engine (min = opt = max) is a fixed batch; any engine gets batches below its profile's
+    minimum padded (copies of the last image) and only the real rows back. Its DLA core is applied
+    before deserialising."""
+    onnx_model = standard_fake(tmp_path / "m.onnx", box_shift_per_mean=10.0)
+    reference = Predictor(onnx_model, conf=0.0)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps({**fake_metadata((128, 128)), "engine_dla_core": "1"}))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_trt = make_fake_trt(reference.backend.run, profile_batches=profile_batches)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_backend, "import_cudart", FakeCudart)
+    predictor = Predictor(engine, conf=0.0, plugin=str(plugin))
+    assert fake_trt.runtimes[-1].dla_core_at_deserialisation == 1
+    fixed = profile_batches[0] == profile_batches[2]
+    assert predictor.backend.fixed_batch == (2 if fixed else None)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (60 + 9 * i, 80, 3), dtype=np.uint8) for i in range(3)]
+    for count in (1, 3):
+        for ours, theirs in zip(predictor.batch(images[:count]), reference.batch(images[:count]), strict=True):
+            np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
+            assert np.array_equal(ours.masks, theirs.masks)

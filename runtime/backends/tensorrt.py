@@ -191,6 +191,9 @@ class TensorRTBackend:
             load_plugin_library(trt, library)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        dla_core = self.metadata.get("engine_dla_core", "")
+        if dla_core.isdigit():
+            self.runtime.DLA_core = int(dla_core)  # the core the engine was built for, before deserialising
         version_compatible = self.metadata.get("engine_version_compatible") == "1"
         if version_compatible and self.metadata.get("engine_lean_runtime_excluded") != "1":
             # The engine carries the lean runtime (host code): allowed for engines maskrt built so.
@@ -207,10 +210,15 @@ class TensorRTBackend:
         self.dtypes = {name: self._numpy_dtype(self.engine.get_tensor_dtype(name)) for name in names}
         batch_dim = int(self.engine.get_tensor_shape(self.input_name)[0])
         self.fixed_batch: int | None = batch_dim if batch_dim > 0 else None
-        # A dynamic-batch engine accepts at most its optimisation profile's max batch.
+        # A dynamic-batch engine accepts its optimisation profile's batches: at most max, at least
+        # min (smaller batches are padded in run); min == max (a DLA engine) is a fixed batch.
         self.max_batch: int | None = None
+        self.min_batch = 1
         if self.fixed_batch is None:
-            self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+            profile = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.min_batch, self.max_batch = int(profile[0][0]), int(profile[2][0])
+            if self.min_batch == self.max_batch:
+                self.fixed_batch, self.max_batch = self.min_batch, None
         self.buffers = {name: _DeviceBuffer(cudart) for name in names}
         self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
@@ -228,6 +236,9 @@ class TensorRTBackend:
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [B,3,H,W] -> the five outputs, copied back to host numpy arrays."""
         cudart = self.cudart
+        count = images.shape[0]
+        if count < self.min_batch:  # below the profile's minimum: pad with copies of the last image
+            images = np.concatenate([images, np.repeat(images[-1:], self.min_batch - count, axis=0)])
         host_input = np.ascontiguousarray(images, dtype=self.dtypes[self.input_name])
         if not self.context.set_input_shape(self.input_name, tuple(host_input.shape)):
             raise MaskrtError(f"{self.path} does not accept input shape {tuple(host_input.shape)} (see its profile)")
@@ -248,7 +259,7 @@ class TensorRTBackend:
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].pointer, host.nbytes, to_host,
                                           self.stream), "cudaMemcpyAsync")
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return outputs
+        return {name: value[:count] for name, value in outputs.items()}
 
     def __del__(self) -> None:
         for buffer in getattr(self, "buffers", {}).values():
