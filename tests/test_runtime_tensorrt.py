@@ -76,6 +76,33 @@ def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
         Predictor(engine)
 
 
+def test_a_driver_older_than_cuda_python_is_named_a_version_mismatch(tmp_path, monkeypatch):
+    """cuda-python 13 on JetPack 6 (CUDA 12.6 driver): cudaErrorInsufficientDriver, named as the
+    version mismatch it is, with the pin to install."""
+    class Err(int):
+        name = "cudaErrorInsufficientDriver"
+
+    class OldDriverCudart(FakeCudart):
+        def cudaSetDevice(self, device):
+            return (Err(35),)
+
+        def cudaDriverGetVersion(self):
+            return 0, 12060
+
+        def cudaRuntimeGetVersion(self):
+            return 0, 13040
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(None))
+    monkeypatch.setattr(trt_backend, "import_cudart", OldDriverCudart)
+    with pytest.raises(MaskrtError, match=r"cudaErrorInsufficientDriver: version mismatch: the installed cuda-python is "
+                                          r"built for CUDA 13\.4, but this NVIDIA driver supports CUDA 12\.6 at most; "
+                                          r"install .*'cuda-python>=12\.6,<13'"):
+        Predictor(engine)
+
+
 def test_engine_on_a_machine_without_gpu_is_one_clear_error(tmp_path):
     """The real lean TensorRT and cuda-python, no GPU: the first CUDA call fails, one line."""
     pytest.importorskip("tensorrt_lean")

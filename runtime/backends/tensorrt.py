@@ -152,6 +152,30 @@ def _check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _cuda_version(number: int) -> str:
+    """CUDA's version integer (12060) as text (12.6)."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def select_device(cudart: Any, device: int) -> None:
+    """cudaSetDevice, with a failure named for what it is: no driver, or a driver older than the CUDA
+    runtime cuda-python was built for (cuda-python 13 needs a CUDA 13 driver; JetPack 6 has CUDA 12.6)."""
+    err = cudart.cudaSetDevice(device)[0]
+    if int(err) == 0:
+        return
+    name = getattr(err, "name", str(err))
+    driver_err, driver = cudart.cudaDriverGetVersion()
+    runtime_err, runtime = cudart.cudaRuntimeGetVersion()
+    if int(driver_err) == 0 and int(runtime_err) == 0 and 0 < int(driver) < int(runtime):
+        major = int(runtime) // 1000
+        raise MaskrtError(
+            f"CUDA call cudaSetDevice({device}) failed: {name}: version mismatch: the installed cuda-python is built for "
+            f"CUDA {_cuda_version(int(runtime))}, but this NVIDIA driver supports CUDA {_cuda_version(int(driver))} at "
+            f"most; install the cuda-python of the driver's CUDA (pip install 'cuda-python>={_cuda_version(int(driver))},"
+            f"<{int(driver) // 1000 + 1}'; JetPack 6: 'cuda-python>=12.6,<13') or a driver for CUDA {major}")
+    _check((err,), f"cudaSetDevice({device})")
+
+
 class _DeviceBuffer:
     """One GPU allocation, grown on demand."""
 
@@ -185,7 +209,7 @@ class TensorRTBackend:
         self.metadata = read_sidecar_metadata(self.path)
         cudart = import_cudart()
         self.trt, self.cudart = trt, cudart
-        _check(cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+        select_device(cudart, device)
         library = find_plugin_library(plugin)
         if library is not None:
             load_plugin_library(trt, library)
