@@ -129,7 +129,9 @@ class FakeCudart:
 
     def __init__(self) -> None:
         self.blocks: dict[int, ctypes.Array] = {}
+        self.pinned: dict[int, ctypes.Array] = {}
         self.copies: list[int] = []
+        self.streams: set[int] = set()
 
     def cudaSetDevice(self, device):
         return (0,)
@@ -143,22 +145,39 @@ class FakeCudart:
         self.blocks.pop(pointer, None)
         return (0,)
 
+    def cudaMallocHost(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.pinned[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFreeHost(self, pointer):
+        self.pinned.pop(pointer, None)
+        return (0,)
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        device = dst if kind == 1 else src
+        device, host = (dst, src) if kind == 1 else (src, dst)
         assert device in self.blocks and nbytes <= len(self.blocks[device]), "copy outside an allocation"
+        assert host in self.pinned and nbytes <= len(self.pinned[host]), "copy from pageable host memory"
+        assert stream in self.streams, "copy on a stream that is not alive"
         ctypes.memmove(dst, src, nbytes)
         self.copies.append(kind)
         return (0,)
 
     def cudaStreamCreate(self):
-        return 0, 1234
+        stream = 1234 + len(self.streams)
+        self.streams.add(stream)
+        return 0, stream
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.discard(stream)
+        return (0,)
 
     def cudaStreamSynchronize(self, stream):
         return (0,)
 
 
 def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_name="tensorrt",
-                  profile_batches=(1, 1, MAX_BATCH)):
+                  profile_batches=(1, 1, MAX_BATCH), context_ok=True, refuse_address=None):
     """A fake `tensorrt` module whose engine returns `reference_outputs(images)`; its optimisation
     profile accepts batches profile_batches[0] to profile_batches[2] (min, opt, max)."""
     runtimes: list = []
@@ -183,6 +202,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_nam
 
         def set_tensor_address(self, name, pointer):
             self.addresses[name] = pointer
+            return name != refuse_address
 
         def execute_async_v3(self, stream):
             shape = self.shapes["images"]
@@ -210,7 +230,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_nam
             return [(batch, 3, 128, 128) for batch in profile_batches]
 
         def create_execution_context(self):
-            return Context()
+            return Context() if context_ok else None
 
     class Registry:
         """TensorRT's behaviour: load_library returns None when the plugins are already registered."""
@@ -345,3 +365,45 @@ def test_engine_whose_profile_minimum_is_above_one(tmp_path, monkeypatch, profil
         for ours, theirs in zip(predictor.batch(images[:count]), reference.batch(images[:count]), strict=True):
             np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
             assert np.array_equal(ours.masks, theirs.masks)
+
+
+def test_close_releases_stream_and_buffers_and_copies_use_pinned_memory(tmp_path, monkeypatch):
+    onnx_model = standard_fake(tmp_path / "m.onnx", box_shift_per_mean=10.0)
+    reference = Predictor(onnx_model, conf=0.0)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_cudart = FakeCudart()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(reference.backend.run))
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: fake_cudart)
+    image = np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    with Predictor(engine, conf=0.0, plugin=str(plugin)) as predictor:
+        first = predictor(image)
+        second = predictor(image)  # results are copies: the next run does not overwrite the first
+        np.testing.assert_array_equal(first.boxes, second.boxes)
+        np.testing.assert_allclose(first.boxes, reference(image).boxes, atol=1e-5)
+        assert fake_cudart.streams and fake_cudart.blocks and fake_cudart.pinned
+    assert not fake_cudart.streams and not fake_cudart.blocks and not fake_cudart.pinned
+    predictor.close()  # idempotent
+    with pytest.raises(MaskrtError, match="is closed"):
+        predictor(image)
+
+
+@pytest.mark.parametrize("problem, message", [
+    (dict(context_ok=False), "could not create an execution context"),
+    (dict(refuse_address="masks"), "refused the address of tensor 'masks'"),
+])
+def test_tensorrt_calls_that_fail_are_one_line_errors(tmp_path, monkeypatch, problem, message):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_cudart = FakeCudart()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(lambda images: {}, **problem))
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: fake_cudart)
+    with pytest.raises(MaskrtError, match=message):
+        predictor = Predictor(engine, plugin=str(plugin))
+        predictor.infer(np.zeros((1, 3, 128, 128), np.float32))

@@ -341,6 +341,10 @@ IPluginCapability* MultilevelRoIAlignPlugin::getCapabilityInterface(PluginCapabi
     {
         logException("getCapabilityInterface", error);
     }
+    catch (...)
+    {
+        logError(std::string("getCapabilityInterface: unknown exception"));
+    }
     return nullptr;
 }
 
@@ -353,6 +357,10 @@ IPluginV3* MultilevelRoIAlignPlugin::clone() noexcept
     catch (std::exception const& error)
     {
         logException("clone", error);
+    }
+    catch (...)
+    {
+        logError(std::string("clone: unknown exception"));
     }
     return nullptr;
 }
@@ -400,6 +408,10 @@ int32_t MultilevelRoIAlignPlugin::getOutputDataTypes(
     {
         logException("getOutputDataTypes", error);
     }
+    catch (...)
+    {
+        logError(std::string("getOutputDataTypes: unknown exception"));
+    }
     return -1;
 }
 
@@ -441,6 +453,10 @@ int32_t MultilevelRoIAlignPlugin::getOutputShapes(DimsExprs const* inputs, int32
     {
         logException("getOutputShapes", error);
     }
+    catch (...)
+    {
+        logError(std::string("getOutputShapes: unknown exception"));
+    }
     return -1;
 }
 
@@ -468,6 +484,10 @@ bool MultilevelRoIAlignPlugin::supportsFormatCombination(
     catch (std::exception const& error)
     {
         logException("supportsFormatCombination", error);
+    }
+    catch (...)
+    {
+        logError(std::string("supportsFormatCombination: unknown exception"));
     }
     return false;
 }
@@ -523,6 +543,10 @@ int32_t MultilevelRoIAlignPlugin::configurePlugin(
     catch (std::exception const& error)
     {
         logException("configurePlugin", error);
+    }
+    catch (...)
+    {
+        logError(std::string("configurePlugin: unknown exception"));
     }
     return -1;
 }
@@ -582,6 +606,10 @@ bool MultilevelRoIAlignPlugin::paramsForShapes(
     {
         logException("paramsForShapes", error);
     }
+    catch (...)
+    {
+        logError(std::string("paramsForShapes: unknown exception"));
+    }
     return false;
 }
 
@@ -596,6 +624,10 @@ int32_t MultilevelRoIAlignPlugin::onShapeChange(
     catch (std::exception const& error)
     {
         logException("onShapeChange", error);
+    }
+    catch (...)
+    {
+        logError(std::string("onShapeChange: unknown exception"));
     }
     return -1;
 }
@@ -649,6 +681,10 @@ int32_t MultilevelRoIAlignPlugin::enqueue(PluginTensorDesc const* inputDesc, Plu
     {
         logException("enqueue", error);
     }
+    catch (...)
+    {
+        logError(std::string("enqueue: unknown exception"));
+    }
     return -1;
 }
 
@@ -679,6 +715,10 @@ PluginFieldCollection const* MultilevelRoIAlignPlugin::getFieldsToSerialize() no
     catch (std::exception const& error)
     {
         logException("getFieldsToSerialize", error);
+    }
+    catch (...)
+    {
+        logError(std::string("getFieldsToSerialize: unknown exception"));
     }
     return nullptr;
 }

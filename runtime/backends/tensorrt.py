@@ -16,6 +16,7 @@ The engine's metadata lives beside it: ``X.engine.json`` / ``X.plan.json``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -197,8 +198,34 @@ class _DeviceBuffer:
             self.pointer, self.capacity = 0, 0
 
 
+class _PinnedHostBuffer:
+    """Page-locked host memory (cudaMallocHost), grown on demand: the copies to and from the GPU run
+    asynchronously from it, at full bus speed, instead of through a pageable staging copy."""
+
+    def __init__(self, cudart: Any) -> None:
+        self.cudart = cudart
+        self.pointer = 0
+        self.capacity = 0
+
+    def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A numpy array of this shape and dtype on the buffer (valid until the next view or free)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if nbytes > self.capacity:
+            self.free()
+            self.pointer = int(_check(self.cudart.cudaMallocHost(max(nbytes, 1)), "cudaMallocHost"))
+            self.capacity = nbytes
+        raw = (ctypes.c_uint8 * max(nbytes, 1)).from_address(self.pointer)
+        return np.frombuffer(raw, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize).reshape(shape)
+
+    def free(self) -> None:
+        if self.pointer:
+            self.cudart.cudaFreeHost(self.pointer)
+            self.pointer, self.capacity = 0, 0
+
+
 class TensorRTBackend:
-    """Runs a serialised TensorRT engine (``.engine``/``.plan``) on one GPU."""
+    """Runs a serialised TensorRT engine (``.engine``/``.plan``) on one GPU. ``close()`` releases the
+    stream, the GPU and pinned host buffers and the engine (also on garbage collection)."""
 
     name = "tensorrt"
 
@@ -226,6 +253,9 @@ class TensorRTBackend:
         if self.engine is None:
             raise MaskrtError(deserialise_failure(trt, self.path, library, version_compatible))
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise MaskrtError(f"TensorRT could not create an execution context for {self.path} "
+                              "(out of GPU memory? its log above says why)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = "images"
         missing = [n for n in (self.input_name, *OUTPUT_NAMES) if n not in names]
@@ -244,6 +274,7 @@ class TensorRTBackend:
             if self.min_batch == self.max_batch:
                 self.fixed_batch, self.max_batch = self.min_batch, None
         self.buffers = {name: _DeviceBuffer(cudart) for name in names}
+        self.host_buffers = {name: _PinnedHostBuffer(cudart) for name in names}
         self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
     def _numpy_dtype(self, trt_dtype: Any) -> np.dtype:
@@ -257,34 +288,57 @@ class TensorRTBackend:
             raise MaskrtError(f"{self.path}: unsupported tensor type {trt_dtype}")
         return np.dtype(table[trt_dtype])
 
+    def _bind(self, name: str, pointer: int) -> None:
+        if not self.context.set_tensor_address(name, pointer):
+            raise MaskrtError(f"TensorRT refused the address of tensor {name!r} of {self.path}")
+
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [B,3,H,W] -> the five outputs, copied back to host numpy arrays."""
+        if getattr(self, "context", None) is None:
+            raise MaskrtError(f"the TensorRT backend of {self.path} is closed")
         cudart = self.cudart
         count = images.shape[0]
         if count < self.min_batch:  # below the profile's minimum: pad with copies of the last image
             images = np.concatenate([images, np.repeat(images[-1:], self.min_batch - count, axis=0)])
-        host_input = np.ascontiguousarray(images, dtype=self.dtypes[self.input_name])
-        if not self.context.set_input_shape(self.input_name, tuple(host_input.shape)):
-            raise MaskrtError(f"{self.path} does not accept input shape {tuple(host_input.shape)} (see its profile)")
+        shape = tuple(images.shape)
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise MaskrtError(f"{self.path} does not accept input shape {shape} (see its profile)")
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        host_input = self.host_buffers[self.input_name].view(shape, self.dtypes[self.input_name])
+        host_input[...] = images
         pointer = self.buffers[self.input_name].ensure(host_input.nbytes)
         _check(cudart.cudaMemcpyAsync(pointer, host_input.ctypes.data, host_input.nbytes, to_device, self.stream),
                "cudaMemcpyAsync")
-        self.context.set_tensor_address(self.input_name, pointer)
+        self._bind(self.input_name, pointer)
         outputs: dict[str, np.ndarray] = {}
         for name in OUTPUT_NAMES:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self.buffers[name].ensure(outputs[name].nbytes))
+            outputs[name] = self.host_buffers[name].view(tuple(self.context.get_tensor_shape(name)), self.dtypes[name])
+            self._bind(name, self.buffers[name].ensure(outputs[name].nbytes))
         if not self.context.execute_async_v3(int(self.stream)):  # TensorRT takes the raw handle
             raise MaskrtError(f"TensorRT failed to run {self.path}")
         for name, host in outputs.items():
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].pointer, host.nbytes, to_host,
                                           self.stream), "cudaMemcpyAsync")
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return {name: value[:count] for name, value in outputs.items()}
+        # Copies: the pinned buffers are reused by the next run.
+        return {name: value[:count].copy() for name, value in outputs.items()}
+
+    def close(self) -> None:
+        """Release the execution context, engine, stream and buffers; idempotent."""
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            self.cudart.cudaStreamSynchronize(stream)
+        self.context = None
+        self.engine = None
+        for buffer in [*getattr(self, "buffers", {}).values(), *getattr(self, "host_buffers", {}).values()]:
+            buffer.free()
+        if stream is not None:
+            self.cudart.cudaStreamDestroy(stream)
+            self.stream = None
 
     def __del__(self) -> None:
-        for buffer in getattr(self, "buffers", {}).values():
-            buffer.free()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: cuda-python may be gone already
+            pass
