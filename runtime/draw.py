@@ -1,6 +1,7 @@
 """Overlay detections on a BGR image: translucent masks, mask contours, boxes, labels.
 
-Used by ``maskrt infer``, ``maskrt predict`` and the demo report. Colours are fixed per
+Used by ``maskrt infer``, ``maskrt predict`` and the demo report. Cost grows with the masks'
+areas, not with N x the frame (see ``draw_detections``). Colours are fixed per
 class (a golden-ratio walk round the hue circle) so a class keeps its colour across frames.
 """
 from __future__ import annotations
@@ -39,28 +40,49 @@ def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tup
 
 
 def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
-                    show_boxes: bool = True) -> np.ndarray:
-    """A copy of ``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
-    "name score" label drawn; highest score drawn last so it stays on top."""
-    canvas = bgr.copy()
+                    show_boxes: bool = True, in_place: bool = False) -> np.ndarray:
+    """``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
+    "name score" label drawn; highest score drawn last so it stays on top. Draws on a copy, or
+    on ``bgr`` itself with ``in_place=True`` (the video loop: saves a frame copy).
+
+    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks: the tint is
+    painted crop by crop into one buffer covering the crops' union, blended once
+    (cv2.addWeighted), and contours are found on each crop with its offset. The pixels are those
+    of blending and tracing full-frame masks.
+    """
+    canvas = bgr if in_place else bgr.copy()
     if len(detections) == 0:
         return canvas
+    crops = detections.mask_crops
     order = np.argsort(detections.scores, kind="stable")  # low scores first
-    tint = canvas.copy()
-    for i in order:
-        tint[detections.masks[i]] = class_color(int(detections.labels[i]))
-    any_mask = detections.masks.any(axis=0)
-    blended = cv2.addWeighted(canvas, 1.0 - alpha, tint, alpha, 0.0)
-    canvas[any_mask] = blended[any_mask]
+    colors = [class_color(int(label)) for label in detections.labels]
+    windows = [crops.window(i) for i in range(len(crops))]
+    painted = [i for i in order if crops.crops[i].size > 0]
+    if painted:
+        # One blend over the rectangle holding every crop. A pixel no mask covers is blended with
+        # itself, which addWeighted returns unchanged (c*(1-a) + c*a rounds back to c).
+        left = min(windows[i][0] for i in painted)
+        top = min(windows[i][1] for i in painted)
+        right = max(windows[i][2] for i in painted)
+        bottom = max(windows[i][3] for i in painted)
+        region = canvas[top:bottom, left:right]
+        tint = region.copy()
+        for i in painted:  # later (higher score) masks paint over earlier ones
+            x0, y0, x1, y1 = windows[i]
+            tint[y0 - top:y1 - top, x0 - left:x1 - left][crops.crops[i]] = colors[i]
+        cv2.addWeighted(region, 1.0 - alpha, tint, alpha, 0.0, dst=region)
     names = detections.names
+    label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
     for i in order:
-        color = class_color(int(detections.labels[i]))
-        contours, _ = cv2.findContours(detections.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
+        color = colors[i]
+        crop = crops.crops[i]
+        if crop.size > 0:
+            contours, _ = cv2.findContours(np.ascontiguousarray(crop).view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=windows[i][:2])
+            cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
         x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
         if show_boxes:
             cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
-        label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
         draw_label(canvas, f"{names[i]} {detections.scores[i]:.2f}", (x1, y1 - int(22 * label_scale)), color,
                    label_scale)
     return canvas
