@@ -531,6 +531,8 @@ def run_loop(source: FrameSource, process: FrameStages | Callable[[np.ndarray], 
         stats.interrupted = True
     finally:
         stop.set()
+        if source.live:  # wakes the reader from a wait for the next camera frame
+            source.close()
         for worker in workers:
             worker.join(timeout=10.0)
         if handler_installed:
@@ -541,7 +543,8 @@ def run_loop(source: FrameSource, process: FrameStages | Callable[[np.ndarray], 
         stats.wall_s = time.perf_counter() - start
         if sink is not None:
             sink.close()
-        source.close()
+        if not source.live:  # a file is released only once its reader has stopped reading
+            source.close()
         if show:
             cv2.destroyAllWindows()
         stats.dropped, stats.skipped = source.dropped, source.skipped

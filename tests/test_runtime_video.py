@@ -307,3 +307,16 @@ def test_bench_source_reports_stages_and_the_ratio_to_the_engine(tmp_path, fake_
                  "--json", str(report)]) == 0
     figures = json.loads(report.read_text())
     assert figures["rounds"][0]["frames"] == 3 and "encode" not in figures["stages_ms"]
+
+
+def test_loop_on_a_stalled_camera_stops_at_once():
+    class StalledCamera(DroppingCamera):  # 2 frames, then nothing (failed reads) for 30 s
+        def __init__(self):
+            super().__init__(good=2)
+
+    DroppingCamera.opens = []
+    source = LiveSource(StalledCamera, "stalled camera", failures_before_reopen=10**9, give_up_s=30.0)
+    begin = time.monotonic()
+    stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=2)
+    assert stats.frames == 2 and time.monotonic() - begin < 5.0  # not the 30 s give-up, nor a join timeout
+    assert not source._thread.is_alive()
