@@ -320,3 +320,10 @@ def test_loop_on_a_stalled_camera_stops_at_once():
     stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=2)
     assert stats.frames == 2 and time.monotonic() - begin < 5.0  # not the 30 s give-up, nor a join timeout
     assert not source._thread.is_alive()
+
+
+def test_bench_draw_without_source_and_bad_rounds_are_one_line_errors(fake_model, capsys):
+    assert main(["bench", "--model", str(fake_model), "--draw"]) == 2
+    assert "--draw needs --source" in capsys.readouterr().err
+    assert main(["bench", "--model", str(fake_model), "--source", "0", "--rounds", "0"]) == 2
+    assert "--rounds must be positive" in capsys.readouterr().err
