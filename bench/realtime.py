@@ -8,8 +8,9 @@ postprocess input a trained model gives: boxes over the frame, sides 2-20 % of i
 smooth blob each, scores, labels), so the count is exact; ``--model`` only supplies the
 Predictor's metadata (input size, class names). Timed per frame:
 - crops: ``Predictor.postprocess`` (undo letterbox, ``paste_mask_crops``) + ``draw_detections``;
-- full frame (before 2026-11-27): ``paste_masks`` + the full-frame drawing kept in
-  tests/test_runtime_crops.py as the reference (``draw_detections_full_frame``).
+- full frame (before 2026-11-27): the full-frame paste and drawing kept in
+  tests/test_runtime_crops.py as the reference (``paste_masks_full_frame``,
+  ``draw_detections_full_frame``).
 The two overlays are asserted equal before timing.
 """
 from __future__ import annotations
@@ -25,11 +26,10 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_runtime_crops import draw_detections_full_frame  # noqa: E402
+from test_runtime_crops import draw_detections_full_frame, paste_masks_full_frame  # noqa: E402
 
 from maskrt.runtime import Predictor, draw_detections  # noqa: E402
 from maskrt.runtime.commands import synthetic_shapes_image  # noqa: E402
-from maskrt.runtime.postprocess import paste_masks  # noqa: E402
 from maskrt.runtime.predictor import Detections  # noqa: E402
 
 
@@ -68,8 +68,9 @@ def main() -> None:
         for count in (10, 20, 100):
             outputs = synthetic_outputs(count, placements[0].resized_size, seed=count)
             detections = predictor.postprocess(outputs, placements)[0]
-            full = Detections(detections.boxes, detections.scores, detections.labels,
-                              paste_masks(outputs["masks"][0], detections.boxes, (height, width)), detections.class_names)
+            full_masks = paste_masks_full_frame(outputs["masks"][0], detections.boxes, (height, width))
+            full = Detections(detections.boxes, detections.scores, detections.labels, full_masks,
+                              detections.class_names)
             assert np.array_equal(draw_detections(frame, detections), draw_detections_full_frame(frame, full))
             crops_ms, full_ms = [], []
             for _ in range(args.repeat):  # interleaved: the two paths see the same machine load
@@ -78,7 +79,7 @@ def main() -> None:
                 draw_detections(frame, detections)
                 crops_ms.append((time.perf_counter() - begin) * 1000)
                 begin = time.perf_counter()
-                masks = paste_masks(outputs["masks"][0], detections.boxes, (height, width))
+                masks = paste_masks_full_frame(outputs["masks"][0], detections.boxes, (height, width))
                 draw_detections_full_frame(frame, Detections(detections.boxes, detections.scores, detections.labels,
                                                              masks, detections.class_names))
                 full_ms.append((time.perf_counter() - begin) * 1000)

@@ -18,8 +18,8 @@ import numpy as np
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import draw_detections
 from maskrt.runtime.predictor import Detections, Predictor
-from maskrt.runtime.video import (VIDEO_SAVE_SUFFIXES, FrameSink, FrameStages, ImageSource, VideoFileSource, check_display, open_source,
-                                  run_loop)
+from maskrt.runtime.video import (VIDEO_SAVE_SUFFIXES, FrameSink, FrameStages, ImageSource, VideoFileSource,
+                                  check_display, open_source, run_loop)
 
 
 def _predictor_from_args(args: argparse.Namespace, conf: float) -> Predictor:
@@ -225,7 +225,8 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
                   f"({stats.frames} frames) -> {stats.fps / engine:.2f}x", flush=True)
     report: dict[str, object] = {
         "model": str(args.model), "backend": predictor.backend.name, "precision": predictor.info.precision,
-        "input_size": list(predictor.input_size), "source": spec, "resolution": [height, width], "draw": bool(args.draw),
+        "input_size": list(predictor.input_size), "source": spec, "resolution": [height, width],
+        "draw": bool(args.draw),
         "frames_per_round": frames_per_round, "rounds": rounds, "conf": args.conf,
         "detections_per_frame": float(np.mean(detections_seen)) if detections_seen else 0.0,
         "opencv_threads_in_loop": 1, "cpu_count": os.cpu_count(),

@@ -97,7 +97,8 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     for i in order:
         color = colors[i]
         if masks_u8[i].size:
-            contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=windows[i][:2])
+            contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=windows[i][:2])
             cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
         x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
         if show_boxes:
