@@ -7,6 +7,7 @@ class (a golden-ratio walk round the hue circle) so a class keeps its colour acr
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Sequence
 
 import cv2
@@ -50,19 +51,21 @@ def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tup
 
 COLOR_PLANES_KEPT = 32  # class colours whose planes are kept (at most that many x the largest crop)
 _color_planes: dict[tuple[int, int, int], np.ndarray] = {}
+_color_planes_lock = threading.Lock()  # draw_detections may run in several threads at once
 
 
 def color_plane(color: tuple[int, int, int], height: int, width: int) -> np.ndarray:
     """A [height,width,3] uint8 array filled with ``color`` (read-only use). Planes are kept per
     colour and grown on demand: filling one costs as much as blending with it."""
-    plane = _color_planes.pop(color, None)
-    if plane is None or plane.shape[0] < height or plane.shape[1] < width:
-        old_h, old_w = plane.shape[:2] if plane is not None else (0, 0)
-        plane = np.empty((max(height, old_h), max(width, old_w), 3), np.uint8)
-        cv2.rectangle(plane, (0, 0), (plane.shape[1] - 1, plane.shape[0] - 1), color, cv2.FILLED)
-    _color_planes[color] = plane  # most recently used last
-    while len(_color_planes) > COLOR_PLANES_KEPT:
-        _color_planes.pop(next(iter(_color_planes)))
+    with _color_planes_lock:
+        plane = _color_planes.pop(color, None)
+        if plane is None or plane.shape[0] < height or plane.shape[1] < width:
+            old_h, old_w = plane.shape[:2] if plane is not None else (0, 0)
+            plane = np.empty((max(height, old_h), max(width, old_w), 3), np.uint8)
+            cv2.rectangle(plane, (0, 0), (plane.shape[1] - 1, plane.shape[0] - 1), color, cv2.FILLED)
+        _color_planes[color] = plane  # most recently used last
+        while len(_color_planes) > COLOR_PLANES_KEPT:
+            _color_planes.pop(next(iter(_color_planes)))
     return plane[:height, :width]
 
 

@@ -204,3 +204,16 @@ def test_rle_string_worked_example():
     # 0x10|0x20 = 48 + 48 = '`', then -3 & 0x1F = 29 = 'M'. (pycocotools' frPyObjects gives
     # b'03T3O`M' for these counts.)
     assert rle_counts_to_string(np.array([0, 3, 100, 2, 20])) == "03T3O`M"
+
+
+def test_colour_planes_are_filled_grown_and_bounded():
+    from maskrt.runtime import draw
+
+    small = draw.color_plane((1, 2, 3), 4, 5)
+    assert small.shape == (4, 5, 3) and (small == np.array([1, 2, 3], np.uint8)).all()
+    grown = draw.color_plane((1, 2, 3), 9, 3)  # taller, narrower: the kept plane grows to 9x5
+    assert grown.shape == (9, 3, 3) and (grown == np.array([1, 2, 3], np.uint8)).all()
+    for value in range(draw.COLOR_PLANES_KEPT + 10):
+        draw.color_plane((value, 0, 0), 2, 2)
+    assert len(draw._color_planes) == draw.COLOR_PLANES_KEPT
+    assert (draw.COLOR_PLANES_KEPT + 9, 0, 0) in draw._color_planes and (0, 0, 0) not in draw._color_planes
