@@ -184,6 +184,7 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
     import statistics
     import tempfile
 
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     spec = str(args.source)
     probe = open_source(spec)
     try:
@@ -229,7 +230,8 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
         "draw": bool(args.draw),
         "frames_per_round": frames_per_round, "rounds": rounds, "conf": args.conf,
         "detections_per_frame": float(np.mean(detections_seen)) if detections_seen else 0.0,
-        "opencv_threads_in_loop": 1, "cpu_count": os.cpu_count(),
+        "opencv_threads_in_loop": 1, "machine": machine_description(load_at_start),
+        "providers": getattr(predictor.backend, "providers", None),
         "stages_ms": {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
                       for name, v in merged.items() if v},
         "loop_fps": statistics.median(r["loop_fps"] for r in rounds),
@@ -240,10 +242,32 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
           f"{report['detections_per_frame']:.0f} detections per frame, draw {'on' if args.draw else 'off'}")
     for name, figures in report["stages_ms"].items():
         print(f"  {name:<12} p50 {figures['p50']:8.2f} ms   p99 {figures['p99']:8.2f} ms")
+    machine = report["machine"]
+    print(f"  machine: {machine['cpu']}, {machine['cores']} cores, load average {_fmt(machine['load_average_start'])} "
+          f"-> {_fmt(machine['load_average_end'])}")
     print(f"  loop {report['loop_fps']:.2f} FPS, engine alone {report['engine_fps']:.2f} images/s "
           f"-> {report['loop_vs_engine']:.2f}x (median of {args.rounds} interleaved rounds)")
     _write_json(args.json, report)
     return 0
+
+
+def machine_description(load_at_start: float | None) -> dict[str, object]:
+    """What the figures ran on: CPU model and count, and the 1-minute load average at the start and
+    end (a shared machine shows in it)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load_at_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_start": load_at_start, "load_average_end": load_at_end}
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f}"
 
 
 def _counted(detections: Detections, counts: list[int]) -> Detections:

@@ -298,6 +298,7 @@ def test_bench_source_reports_stages_and_the_ratio_to_the_engine(tmp_path, fake_
     assert all(r["frames"] == 4 and r["engine_fps"] > 0 and r["loop_fps"] > 0 for r in figures["rounds"])
     assert set(figures["stages_ms"]) == {"decode", "preprocess", "inference", "postprocess", "draw", "encode"}
     assert figures["detections_per_frame"] == 3  # the fake graph keeps 3, bench's default conf is 0.0
+    assert figures["machine"]["cores"] >= 1 and figures["machine"]["cpu"]
     ratios = [r["loop_fps"] / r["engine_fps"] for r in figures["rounds"]]
     assert figures["loop_vs_engine"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds
     assert "loop" in capsys.readouterr().out
