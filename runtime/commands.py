@@ -243,8 +243,8 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
     for name, figures in report["stages_ms"].items():
         print(f"  {name:<12} p50 {figures['p50']:8.2f} ms   p99 {figures['p99']:8.2f} ms")
     machine = report["machine"]
-    print(f"  machine: {machine['cpu']}, {machine['cores']} cores, load average {_fmt(machine['load_average_start'])} "
-          f"-> {_fmt(machine['load_average_end'])}")
+    print(f"  machine: {machine['cpu']}, {machine['cores']} cores, load average "
+          f"{_fmt(machine['load_average_start'])} -> {_fmt(machine['load_average_end'])}")
     print(f"  loop {report['loop_fps']:.2f} FPS, engine alone {report['engine_fps']:.2f} images/s "
           f"-> {report['loop_vs_engine']:.2f}x (median of {args.rounds} interleaved rounds)")
     _write_json(args.json, report)
