@@ -440,36 +440,30 @@ def run_loop(source: FrameSource, process: FrameStages | Callable[[np.ndarray], 
             error = err
         prepared_q.put(_End(error))
 
-    def infer() -> None:
+    def relay(inbox: _Handoff, outbox: _Handoff, work: Callable[[tuple], tuple]) -> None:
+        """One stage's thread: ``work`` on each item in order; the end, or a failure, is passed on."""
         while True:
-            item = prepared_q.get()
+            item = inbox.get()
             if isinstance(item, _End):
-                inferred_q.put(item)
+                outbox.put(item)
                 return
-            name, frame, decoded, prepared = item
             try:
-                outputs = timed("inference", stages.infer, prepared)
-            except BaseException as err:
-                inferred_q.put(_End(err))
+                result = work(item)
+            except BaseException as err:  # handed down to the calling thread, which re-raises it
+                outbox.put(_End(err))
                 return
-            if not inferred_q.put((name, frame, decoded, prepared, outputs)):
+            if not outbox.put(result):
                 return
 
-    def finish() -> None:
-        while True:
-            item = inferred_q.get()
-            if isinstance(item, _End):
-                drawn_q.put(item)
-                return
-            name, frame, decoded, prepared, outputs = item
-            try:
-                result = timed("postprocess", stages.postprocess, frame, prepared, outputs)
-                overlay, text = timed("draw", stages.draw, frame, result)
-            except BaseException as err:
-                drawn_q.put(_End(err))
-                return
-            if not drawn_q.put((name, overlay, text, (time.perf_counter() - decoded) * 1000.0)):
-                return
+    def infer(item: tuple) -> tuple:
+        name, frame, decoded, prepared = item
+        return name, frame, decoded, prepared, timed("inference", stages.infer, prepared)
+
+    def finish(item: tuple) -> tuple:
+        name, frame, decoded, prepared, outputs = item
+        result = timed("postprocess", stages.postprocess, frame, prepared, outputs)
+        overlay, text = timed("draw", stages.draw, frame, result)
+        return name, overlay, text, (time.perf_counter() - decoded) * 1000.0
 
     # Ctrl-C sets a flag that the loop reads between frames, so it never lands inside a frame's
     # write (the saved count and the file would disagree by one). A second Ctrl-C interrupts at
@@ -490,9 +484,11 @@ def run_loop(source: FrameSource, process: FrameStages | Callable[[np.ndarray], 
     previous_threads = cv2.getNumThreads()
     if opencv_threads is not None:
         cv2.setNumThreads(opencv_threads)
-    workers = [threading.Thread(target=target, name=f"maskrt {label}", daemon=True)
-               for target, label in ((read_and_prepare, "decode+preprocess"), (infer, "inference"),
-                                     (finish, "postprocess+draw"))]
+    workers = [threading.Thread(target=read_and_prepare, name="maskrt decode+preprocess", daemon=True),
+               threading.Thread(target=relay, args=(prepared_q, inferred_q, infer), name="maskrt inference",
+                                daemon=True),
+               threading.Thread(target=relay, args=(inferred_q, drawn_q, finish), name="maskrt postprocess+draw",
+                                daemon=True)]
     start = time.perf_counter()
     smoothed_fps = 0.0
     last_done = start
