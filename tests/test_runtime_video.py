@@ -311,15 +311,15 @@ def test_bench_source_reports_stages_and_the_ratio_to_the_engine(tmp_path, fake_
 
 
 def test_loop_on_a_stalled_camera_stops_at_once():
-    class StalledCamera(DroppingCamera):  # 2 frames, then nothing (failed reads) for 30 s
+    class StalledCamera(DroppingCamera):  # 1 frame, then nothing (failed reads) for 30 s
         def __init__(self):
-            super().__init__(good=2)
+            super().__init__(good=1)
 
     DroppingCamera.opens = []
     source = LiveSource(StalledCamera, "stalled camera", failures_before_reopen=10**9, give_up_s=30.0)
     begin = time.monotonic()
-    stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=2)
-    assert stats.frames == 2 and time.monotonic() - begin < 5.0  # not the 30 s give-up, nor a join timeout
+    stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=1)
+    assert stats.frames == 1 and time.monotonic() - begin < 5.0  # not the 30 s give-up, nor a join timeout
     assert not source._thread.is_alive()
 
 
