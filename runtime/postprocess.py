@@ -7,15 +7,25 @@ integer box's (x2-x1+1, y2-y1+1) with bilinear sampling (cv2 INTER_LINEAR on flo
 torch's bilinear, align_corners=False), place it, clip it to the image. The masks are pasted
 in the *original* image after the boxes are mapped back (pasting in the letterboxed image
 and resizing loses accuracy: mmdeploy lost 1 mask AP that way).
+
+Models imported from detectron2 carry ``paste_rule = "detectron2"`` in their metadata and are
+pasted by detectron2's rule instead (``paste_masks_in_image`` / ``_do_paste_mask``,
+detectron2/layers/mask_ops.py at commit 02b5c4e, lines 17-147): every pixel centre within
+one pixel of the box samples the MxM mask bilinearly at
+``u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5`` (``grid_sample``, zeros outside the mask,
+align_corners=False), no padding, no integer box; a pixel is in the mask at probability
+``>= 0.5``. Its sampling grid is separable, so each box is two small matrix products.
 """
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from maskrt.errors import MaskrtError
 from maskrt.runtime.preprocess import Letterbox
 
 MASK_THRESHOLD = 0.5  # conventions: runtime masks are bool at probability > 0.5
+PASTE_RULES = ("torchvision", "detectron2")
 
 
 def undo_letterbox_boxes(boxes: np.ndarray, placed: Letterbox) -> np.ndarray:
@@ -38,14 +48,64 @@ def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
     return np.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h], axis=1)
 
 
+def _detectron2_axis_weights(start: int, stop: int, low: np.float32, high: np.float32, size: int) -> np.ndarray:
+    """Bilinear weights [stop - start, size] with which pixels start..stop-1 of one axis sample
+    a mask of ``size`` cells spanning [low, high] (``grid_sample``, zeros outside, float32 as
+    detectron2 computes the grid: mask_ops.py lines 51-54)."""
+    centre = np.arange(start, stop, dtype=np.float32) + np.float32(0.5)
+    normalised = (centre - low) / (high - low) * np.float32(2) - np.float32(1)
+    # grid_sample's unnormalisation for align_corners=False: ((g + 1) * size - 1) / 2.
+    coord = ((normalised + np.float32(1)) * np.float32(size) - np.float32(1)) / np.float32(2)
+    lower = np.floor(coord)
+    upper_weight = coord - lower
+    lower = lower.astype(np.int64)
+    weights = np.zeros((stop - start, size), dtype=np.float32)
+    rows = np.arange(stop - start)
+    for cell, weight in ((lower, np.float32(1) - upper_weight), (lower + 1, upper_weight)):
+        inside = (cell >= 0) & (cell < size)  # taps outside the mask read zero
+        weights[rows[inside], cell[inside]] += weight[inside]
+    return weights
+
+
+def paste_masks_detectron2(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                           threshold: float | None = MASK_THRESHOLD) -> np.ndarray:
+    """detectron2's paste (module docstring): bool [N,h,w] at probability >= threshold, or the
+    float32 probabilities with threshold=None. Each box is sampled over
+    ``[floor(x1) - 1, ceil(x2) + 1)`` x ``[floor(y1) - 1, ceil(y2) + 1)`` within the image, as
+    detectron2 does on CPU (0 elsewhere); a box with a side <= 0 pastes nothing."""
+    h, w = image_size
+    count = len(masks)
+    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    for i in range(count):
+        x1, y1, x2, y2 = boxes[i]
+        if not (x2 > x1 and y2 > y1):
+            continue
+        col_start, row_start = max(int(np.floor(x1)) - 1, 0), max(int(np.floor(y1)) - 1, 0)
+        col_stop, row_stop = min(int(np.ceil(x2)) + 1, w), min(int(np.ceil(y2)) + 1, h)
+        if col_start >= col_stop or row_start >= row_stop:
+            continue
+        mask = np.asarray(masks[i], dtype=np.float32)
+        rows = _detectron2_axis_weights(row_start, row_stop, y1, y2, mask.shape[0])
+        cols = _detectron2_axis_weights(col_start, col_stop, x1, x2, mask.shape[1])
+        window = rows @ mask @ cols.T
+        pasted[i, row_start:row_stop, col_start:col_stop] = window if threshold is None else window >= threshold
+    return pasted
+
+
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                threshold: float | None = MASK_THRESHOLD, padding: int = 1) -> np.ndarray:
+                threshold: float | None = MASK_THRESHOLD, padding: int = 1, rule: str = "torchvision") -> np.ndarray:
     """Paste MxM mask probabilities into an image of ``image_size`` (h, w).
 
     masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
     pixels. Returns bool [N,h,w] (probability > threshold) or, with threshold=None, the float32
-    pasted probabilities [N,h,w] (zero outside each box).
+    pasted probabilities [N,h,w] (zero outside each box). ``rule``: "torchvision" (the module
+    docstring's), or "detectron2" (``paste_masks_detectron2``: probability >= threshold).
     """
+    if rule == "detectron2":
+        return paste_masks_detectron2(masks, boxes, image_size, threshold)
+    if rule != "torchvision":
+        raise MaskrtError(f"unknown paste rule {rule!r}: choose 'torchvision' or 'detectron2'")
     h, w = image_size
     count = len(masks)
     pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
