@@ -3,6 +3,7 @@ detectron2's source (commit 02b5c4e, 2026-06-06; file and lines named at each re
 not from our code:
 
 - anchors of a 1024x1024 input and of an 800-row input (P6's stride);
+- box decoding and clipping (the same rule as torchvision's: no switch);
 - the RoI -> FPN level rule on boundary sizes;
 - the RPN's proposal selection (per-level top-k, NMS over levels ranked by logits, empty boxes);
 - the detections kept after NMS (empty boxes take a place, then go);
@@ -85,6 +86,37 @@ def test_from_detectron2_settings_select_detectron2_rules() -> None:
     for key in ("anchor_rule", "selection_rule", "level_rule", "resize_rule", "paste_rule"):
         assert DETECTRON2_SETTINGS[key] == "detectron2"
         assert key not in TORCHVISION_SETTINGS  # torchvision-imported models keep the defaults
+
+
+# --- box decoding and clipping: modeling/box_regression.py, structures/boxes.py -------------
+
+def d2_apply_deltas(deltas: np.ndarray, boxes: np.ndarray, weights, scale_clamp=math.log(1000.0 / 16)) -> np.ndarray:
+    """Box2BoxTransform.apply_deltas (lines 88-116; _DEFAULT_SCALE_CLAMP line 14), float64."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+    dw, dh = np.minimum(deltas[:, 2::4] / ww, scale_clamp), np.minimum(deltas[:, 3::4] / wh, scale_clamp)
+    pred_ctr_x, pred_ctr_y = dx * widths[:, None] + ctr_x[:, None], dy * heights[:, None] + ctr_y[:, None]
+    pred_w, pred_h = np.exp(dw) * widths[:, None], np.exp(dh) * heights[:, None]
+    return np.stack([pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
+                     pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h], axis=-1).reshape(deltas.shape)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])  # RPN, box head
+def test_box_decoding_and_clipping_are_detectron2s(weights) -> None:
+    rng = np.random.default_rng(4)
+    boxes = np.concatenate([rng.uniform(0, 200, (50, 2)), rng.uniform(210, 400, (50, 2))], axis=1).astype(np.float32)
+    deltas = rng.normal(0, 2, (50, 8)).astype(np.float32)
+    deltas[:5, 2] = 40.0  # past the scale clamp
+    reference = d2_apply_deltas(deltas.astype(np.float64), boxes.astype(np.float64), weights).reshape(50, 2, 4)
+    ours = ops.BoxCoder(weights).decode_single(torch.from_numpy(deltas), torch.from_numpy(boxes)).reshape(50, 2, 4)
+    np.testing.assert_allclose(ours.double().numpy(), reference, rtol=1e-5, atol=1e-3)
+    # Boxes.clip (structures/boxes.py lines 183-197): x to [0, w], y to [0, h].
+    clipped = ops.clip_boxes_to_image(ours, (300, 250)).double().numpy()
+    expected = np.stack([np.clip(reference[..., 0], 0, 250), np.clip(reference[..., 1], 0, 300),
+                         np.clip(reference[..., 2], 0, 250), np.clip(reference[..., 3], 0, 300)], axis=-1)
+    np.testing.assert_allclose(clipped, expected, rtol=1e-5, atol=1e-3)
 
 
 # --- level rule: modeling/poolers.py ---------------------------------------------------------
