@@ -364,3 +364,21 @@ def test_model_rejects_unknown_rules() -> None:
         with pytest.raises(MaskrtError, match="detectron2"):
             build_model("edge", 3, **{key: "mmdet"})
     assert issubclass(MaskRCNN, torch.nn.Module)
+
+
+def test_rules_survive_save_and_load(tmp_path) -> None:
+    from maskrt.model.io import load_model, save_model
+    from maskrt.model.presets import build_model
+
+    rules = {key: "detectron2" for key in ("anchor_rule", "selection_rule", "level_rule", "resize_rule", "paste_rule")}
+    save_model(build_model("edge", 3, **rules), tmp_path / "d2.safetensors")
+    loaded = load_model(tmp_path / "d2.safetensors")
+    assert (loaded.rpn.anchor_generator.rule, loaded.rpn.rule, loaded.roi_heads.selection_rule,
+            loaded.roi_heads.box_roi_pool.level_rule, loaded.resize_rule, loaded.paste_rule) == ("detectron2",) * 6
+    # A model without the keys (every file saved before they existed) keeps torchvision's rules.
+    save_model(build_model("edge", 3), tmp_path / "tv.safetensors")
+    plain = load_model(tmp_path / "tv.safetensors")
+    assert "paste_rule" not in plain.config
+    assert (plain.rpn.anchor_generator.rule, plain.rpn.rule, plain.roi_heads.mask_roi_pool.level_rule,
+            plain.paste_rule) == ("torchvision",) * 4
+    assert plain.roi_heads.box_roi_pool.op_canonical_scale == 112.0  # the edge preset's, untouched
