@@ -60,6 +60,14 @@ def test_runtime_gives_the_pytorch_models_detections(d2_model, target: str, tmp_
             pytest.skip(f"ONNX Runtime cannot run the plugin node here: {error}")
         raise
     assert predictor.info.paste_rule == "detectron2"
+    if target == "tensorrt":
+        # detectron2's level rule reaches the plugin through the contract's own canonical_scale.
+        import onnx
+
+        nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MultilevelRoIAlign"]
+        scales = [a.f for n in nodes for a in n.attribute if a.name == "canonical_scale"]
+        assert len(nodes) == 2 and scales == [pytest.approx(224.0 * 2 ** 1e-6, rel=1e-7)] * 2
+        assert scales[0] != 224.0
 
     image = synthetic_shapes_image(SIZE, SIZE, seed=7)
     rgb = torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 255.0
