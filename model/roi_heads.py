@@ -236,9 +236,13 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_predictor(self.box_head(box_features.flatten(0, 1)))
         num_classes = class_logits.shape[-1]
         # Class-specific decode: [B*P, K, 4], then clip each image's boxes to its own size.
-        boxes = self.box_coder.decode_single(box_deltas, proposals.reshape(-1, 4)).reshape(batch, -1, 4)
-        boxes = clip_boxes_batched(boxes, image_sizes).reshape(batch, num_proposals, num_classes, 4)
+        decoded = self.box_coder.decode_single(box_deltas, proposals.reshape(-1, 4)).reshape(batch, -1, 4)
+        boxes = clip_boxes_batched(decoded, image_sizes).reshape(batch, num_proposals, num_classes, 4)
         scores = F.softmax(class_logits, -1).reshape(batch, num_proposals, num_classes)
+        if self.selection_rule == "detectron2":
+            # fast_rcnn.py line 137: a proposal whose decoded boxes (before clipping) or scores
+            # are not all finite goes, all its classes with it.
+            finite = torch.isfinite(decoded).reshape(batch, num_proposals, -1).all(-1) & torch.isfinite(scores).all(-1)
         labels = torch.arange(num_classes, device=scores.device).expand(batch, num_proposals, num_classes)
         # Drop the background column, then every (proposal, class) pair is a candidate.
         boxes = boxes[:, :, 1:].reshape(batch, -1, 4)
@@ -248,9 +252,6 @@ class RoIHeads(nn.Module):
         widths = boxes[..., 2] - boxes[..., 0]
         heights = boxes[..., 3] - boxes[..., 1]
         if self.selection_rule == "detectron2":
-            # fast_rcnn.py line 137: a proposal whose boxes or scores are not all finite goes.
-            finite = torch.isfinite(boxes).all(-1).reshape(batch, num_proposals, -1).all(-1) \
-                & torch.isfinite(class_logits).all(-1).reshape(batch, num_proposals)
             present = present & finite[:, :, None].expand(-1, -1, num_classes - 1).reshape(batch, -1)
         else:
             present = present & (widths >= 1e-2) & (heights >= 1e-2)

@@ -157,7 +157,8 @@ class RegionProposalNetwork(nn.Module):
             top_logits.append(logits)
             top_levels.append(torch.full((batch, k), level, dtype=torch.int64, device=objectness.device))
             offset += count
-        boxes = clip_boxes_batched(torch.cat(top_boxes, dim=1), image_sizes)
+        decoded = torch.cat(top_boxes, dim=1)
+        boxes = clip_boxes_batched(decoded, image_sizes)
         scores = torch.cat(top_scores, dim=1)
         levels = torch.cat(top_levels, dim=1)
         widths = boxes[..., 2] - boxes[..., 0]
@@ -166,7 +167,7 @@ class RegionProposalNetwork(nn.Module):
             # proposal_utils.py lines 105 (finite), 117 (nonempty: sides > 0), 121 (NMS by logit).
             logits = torch.cat(top_logits, dim=1)
             present = (widths > 0) & (heights > 0) & (scores >= self.score_thresh)
-            present = present & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(logits)
+            present = present & torch.isfinite(decoded).all(dim=-1) & torch.isfinite(logits)
             ranking = logits
         else:
             present = (widths >= self.min_box_size) & (heights >= self.min_box_size) & (scores >= self.score_thresh)
