@@ -1,10 +1,13 @@
 """Overlay detections on a BGR image: translucent masks, mask contours, boxes, labels.
 
-Used by ``maskrt infer``, ``maskrt predict`` and the demo report. Colours are fixed per
+Used by ``maskrt infer``, ``maskrt predict`` and the demo report. Cost grows with the masks'
+areas, not with N x the frame (see ``draw_detections``). Colours are fixed per
 class (a golden-ratio walk round the hue circle) so a class keeps its colour across frames.
 """
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Sequence
 
 import cv2
@@ -15,6 +18,7 @@ from maskrt.runtime.predictor import Detections
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+@functools.lru_cache(maxsize=1024)
 def class_color(label: int) -> tuple[int, int, int]:
     """A bright, distinct BGR colour for a class label."""
     hue = int((label * 0.618033988749895 % 1.0) * 180)
@@ -23,11 +27,18 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
+@functools.lru_cache(maxsize=4096)
+def text_size(text: str, scale: float, thickness: int) -> tuple[tuple[int, int], int]:
+    """cv2.getTextSize, remembered: labels repeat from frame to frame and the call is not free
+    (~50 us, as much as drawing the text)."""
+    return cv2.getTextSize(text, FONT, scale, thickness)
+
+
 def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tuple[int, int, int],
                scale: float = 0.5) -> None:
     """Text on a filled box of ``color`` at ``origin`` (its top-left), kept inside the image; in place."""
     thickness = max(1, int(round(scale * 2)))
-    (text_w, text_h), baseline = cv2.getTextSize(text, FONT, scale, thickness)
+    (text_w, text_h), baseline = text_size(text, scale, thickness)
     h, w = image.shape[:2]
     x = int(min(max(origin[0], 0), max(w - text_w - 2, 0)))
     y = int(min(max(origin[1], 0), max(h - text_h - baseline - 2, 0)))
@@ -38,29 +49,63 @@ def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tup
     cv2.putText(image, text, (x + 1, y + text_h + 1), FONT, scale, ink, thickness, cv2.LINE_AA)
 
 
+COLOR_PLANES_KEPT = 32  # class colours whose planes are kept (at most that many x the largest crop)
+_color_planes: dict[tuple[int, int, int], np.ndarray] = {}
+_color_planes_lock = threading.Lock()  # draw_detections may run in several threads at once
+
+
+def color_plane(color: tuple[int, int, int], height: int, width: int) -> np.ndarray:
+    """A [height,width,3] uint8 array filled with ``color`` (read-only use). Planes are kept per
+    colour and grown on demand: filling one costs as much as blending with it."""
+    with _color_planes_lock:
+        plane = _color_planes.pop(color, None)
+        if plane is None or plane.shape[0] < height or plane.shape[1] < width:
+            old_h, old_w = plane.shape[:2] if plane is not None else (0, 0)
+            plane = np.empty((max(height, old_h), max(width, old_w), 3), np.uint8)
+            cv2.rectangle(plane, (0, 0), (plane.shape[1] - 1, plane.shape[0] - 1), color, cv2.FILLED)
+        _color_planes[color] = plane  # most recently used last
+        while len(_color_planes) > COLOR_PLANES_KEPT:
+            _color_planes.pop(next(iter(_color_planes)))
+    return plane[:height, :width]
+
+
 def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
                     show_boxes: bool = True) -> np.ndarray:
     """A copy of ``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
-    "name score" label drawn; highest score drawn last so it stays on top."""
+    "name score" label drawn; highest score drawn last so it stays on top.
+
+    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks: a mask's
+    pixels get ``bgr`` blended with its class colour (cv2.addWeighted over the crop's window,
+    then copied through the crop, cv2.copyTo); masks are laid low score first,
+    so where they overlap the highest score's colour is the one blended, once, with the
+    original pixel. Contours are traced on each crop with its offset. The pixels are those of
+    blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
+    """
     canvas = bgr.copy()
     if len(detections) == 0:
         return canvas
+    crops = detections.mask_crops
     order = np.argsort(detections.scores, kind="stable")  # low scores first
-    tint = canvas.copy()
+    colors = [class_color(int(label)) for label in detections.labels]
+    windows = [crops.window(i) for i in range(len(crops))]
+    masks_u8 = [np.ascontiguousarray(crop, dtype=bool).view(np.uint8) for crop in crops.crops]
     for i in order:
-        tint[detections.masks[i]] = class_color(int(detections.labels[i]))
-    any_mask = detections.masks.any(axis=0)
-    blended = cv2.addWeighted(canvas, 1.0 - alpha, tint, alpha, 0.0)
-    canvas[any_mask] = blended[any_mask]
+        if masks_u8[i].size:
+            x0, y0, x1, y1 = windows[i]
+            blended = cv2.addWeighted(bgr[y0:y1, x0:x1], 1.0 - alpha, color_plane(colors[i], y1 - y0, x1 - x0),
+                                      alpha, 0.0)
+            cv2.copyTo(blended, masks_u8[i], canvas[y0:y1, x0:x1])
     names = detections.names
+    label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
     for i in order:
-        color = class_color(int(detections.labels[i]))
-        contours, _ = cv2.findContours(detections.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
+        color = colors[i]
+        if masks_u8[i].size:
+            contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=windows[i][:2])
+            cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
         x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
         if show_boxes:
             cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
-        label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
         draw_label(canvas, f"{names[i]} {detections.scores[i]:.2f}", (x1, y1 - int(22 * label_scale)), color,
                    label_scale)
     return canvas

@@ -8,13 +8,17 @@ torch's bilinear, align_corners=False), place it, clip it to the image. The mask
 in the *original* image after the boxes are mapped back (pasting in the letterboxed image
 and resizing loses accuracy: mmdeploy lost 1 mask AP that way).
 
+``paste_mask_crops`` applies that rule to each box's window only and returns ``MaskCrops``
+(runtime/masks.py): the work and memory grow with the boxes' areas, not N x the image. It is
+what the Predictor uses; ``paste_masks`` gives the same masks as N full frames.
+
 Models imported from detectron2 carry ``paste_rule = "detectron2"`` in their metadata and are
-pasted by detectron2's rule instead (``paste_masks_in_image`` / ``_do_paste_mask``,
-detectron2/layers/mask_ops.py at commit 02b5c4e, lines 17-147): every pixel centre within
-one pixel of the box samples the MxM mask bilinearly at
+pasted by detectron2's rule instead (``rule="detectron2"``; ``paste_masks_in_image`` /
+``_do_paste_mask``, detectron2/layers/mask_ops.py at commit 02b5c4e, lines 17-147): every
+pixel centre within one pixel of the box samples the MxM mask bilinearly at
 ``u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5`` (``grid_sample``, zeros outside the mask,
 align_corners=False), no padding, no integer box; a pixel is in the mask at probability
-``>= 0.5``. Its sampling grid is separable, so each box is two small matrix products.
+``>= 0.5``. Its sampling grid is separable, so each box's window is two small matrix products.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import cv2
 import numpy as np
 
 from maskrt.errors import MaskrtError
+from maskrt.runtime.masks import MaskCrops
 from maskrt.runtime.preprocess import Letterbox
 
 MASK_THRESHOLD = 0.5  # conventions: runtime masks are bool at probability > 0.5
@@ -67,63 +72,84 @@ def _detectron2_axis_weights(start: int, stop: int, low: np.float32, high: np.fl
     return weights
 
 
-def paste_masks_detectron2(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                           threshold: float | None = MASK_THRESHOLD) -> np.ndarray:
-    """detectron2's paste (module docstring): bool [N,h,w] at probability >= threshold, or the
-    float32 probabilities with threshold=None. Each box is sampled over
-    ``[floor(x1) - 1, ceil(x2) + 1)`` x ``[floor(y1) - 1, ceil(y2) + 1)`` within the image, as
-    detectron2 does on CPU (0 elsewhere); a box with a side <= 0 pastes nothing."""
+def detectron2_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                          threshold: float | None = MASK_THRESHOLD) -> MaskCrops:
+    """detectron2's paste (module docstring) as crops: bool (probability >= threshold) or, with
+    threshold=None, float32 probabilities. Crop i is detectron2's CPU window
+    ``[floor(x1) - 1, ceil(x2) + 1)`` x ``[floor(y1) - 1, ceil(y2) + 1)`` clipped to the image
+    (mask_ops.py lines 39-43; detectron2 leaves the rest 0); a box with a side <= 0 (detectron2
+    drops those first) or a window outside the image gets a 0x0 crop."""
     h, w = image_size
     count = len(masks)
-    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
+    dtype = np.float32 if threshold is None else bool
+    origins = np.zeros((count, 2), np.int64)
     boxes = np.asarray(boxes, dtype=np.float32)
+    crops = []
     for i in range(count):
         x1, y1, x2, y2 = boxes[i]
-        if not (x2 > x1 and y2 > y1):
-            continue
         col_start, row_start = max(int(np.floor(x1)) - 1, 0), max(int(np.floor(y1)) - 1, 0)
         col_stop, row_stop = min(int(np.ceil(x2)) + 1, w), min(int(np.ceil(y2)) + 1, h)
-        if col_start >= col_stop or row_start >= row_stop:
+        if not (x2 > x1 and y2 > y1) or col_start >= col_stop or row_start >= row_stop:
+            crops.append(np.zeros((0, 0), dtype))
             continue
         mask = np.asarray(masks[i], dtype=np.float32)
         rows = _detectron2_axis_weights(row_start, row_stop, y1, y2, mask.shape[0])
         cols = _detectron2_axis_weights(col_start, col_stop, x1, x2, mask.shape[1])
         window = rows @ mask @ cols.T
-        pasted[i, row_start:row_stop, col_start:col_stop] = window if threshold is None else window >= threshold
-    return pasted
+        crops.append(window if threshold is None else window >= threshold)
+        origins[i] = col_start, row_start
+    return MaskCrops(tuple(crops), origins, (int(h), int(w)))
 
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
                 threshold: float | None = MASK_THRESHOLD, padding: int = 1, rule: str = "torchvision") -> np.ndarray:
-    """Paste MxM mask probabilities into an image of ``image_size`` (h, w).
+    """Paste MxM mask probabilities into an image of ``image_size`` (h, w), full frames.
 
     masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
-    pixels. Returns bool [N,h,w] (probability > threshold) or, with threshold=None, the float32
-    pasted probabilities [N,h,w] (zero outside each box). ``rule``: "torchvision" (the module
-    docstring's), or "detectron2" (``paste_masks_detectron2``: probability >= threshold).
+    pixels. Returns bool [N,h,w] (probability > threshold; >= for rule "detectron2") or, with
+    threshold=None, the float32 pasted probabilities [N,h,w] (zero outside each box):
+    ``paste_mask_crops(...).full()``.
+    """
+    return paste_mask_crops(masks, boxes, image_size, threshold=threshold, padding=padding, rule=rule).full()
+
+
+def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                     threshold: float | None = MASK_THRESHOLD, padding: int = 1, rule: str = "torchvision") -> MaskCrops:
+    """A paste rule into each box's window only. rule "torchvision" (as ``paste_masks``, the
+    module docstring's first rule) or "detectron2" (``detectron2_mask_crops``; ``padding`` unused).
+
+    masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
+    pixels; image_size: (h, w). Crop i is the expanded integer box clipped to the image, bool
+    (probability > threshold) or, with threshold=None, float32 probabilities; a box whose
+    window lies outside the image gets a 0x0 crop. ``paste_mask_crops(...).full()`` equals the
+    full-frame paste it replaced exactly (tests/test_runtime_crops.py keeps that as reference).
     """
     if rule == "detectron2":
-        return paste_masks_detectron2(masks, boxes, image_size, threshold)
+        return detectron2_mask_crops(masks, boxes, image_size, threshold)
     if rule != "torchvision":
         raise MaskrtError(f"unknown paste rule {rule!r}: choose 'torchvision' or 'detectron2'")
     h, w = image_size
     count = len(masks)
-    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
+    dtype = np.float32 if threshold is None else bool
+    origins = np.zeros((count, 2), np.int64)
     if count == 0:
-        return pasted
+        return MaskCrops((), origins, (int(h), int(w)))
     size = masks.shape[-1]
     padded = np.pad(masks.astype(np.float32), ((0, 0), (padding, padding), (padding, padding)))
     # torch's .to(int64) truncates toward zero; astype does the same.
     int_boxes = expand_boxes(boxes, (size + 2 * padding) / size).astype(np.int64)
+    crops = []
     for i, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
         box_w, box_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
         x0_img, x1_img = max(x1, 0), min(x2 + 1, w)
         y0_img, y1_img = max(y1, 0), min(y2 + 1, h)
         if x0_img >= x1_img or y0_img >= y1_img:
-            continue  # the box lies outside the image
+            crops.append(np.zeros((0, 0), dtype))  # the box lies outside the image
+            continue
         resized = cv2.resize(padded[i], (box_w, box_h), interpolation=cv2.INTER_LINEAR)
         if resized.ndim == 1:  # cv2 drops a unit dimension of a 1xK or Kx1 result
             resized = resized.reshape(box_h, box_w)
         window = resized[y0_img - y1:y1_img - y1, x0_img - x1:x1_img - x1]
-        pasted[i, y0_img:y1_img, x0_img:x1_img] = window if threshold is None else window > threshold
-    return pasted
+        crops.append(np.ascontiguousarray(window) if threshold is None else window > threshold)
+        origins[i] = x0_img, y0_img
+    return MaskCrops(tuple(crops), origins, (int(h), int(w)))

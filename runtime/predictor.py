@@ -10,7 +10,6 @@ The three stages are public (``preprocess``, ``infer``, ``postprocess``) so that
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -18,7 +17,8 @@ import numpy as np
 from maskrt.errors import MaskrtError
 from maskrt.runtime.backends import Backend, open_backend
 from maskrt.runtime.metadata import ModelInfo, parse_metadata
-from maskrt.runtime.postprocess import paste_masks, undo_letterbox_boxes
+from maskrt.runtime.masks import MaskCrops, crops_from_full_masks
+from maskrt.runtime.postprocess import paste_mask_crops, undo_letterbox_boxes
 from maskrt.runtime.preprocess import Letterbox, letterbox_batch
 
 # Default display threshold. Evaluation wants every detection the graph keeps (the graph has
@@ -26,22 +26,34 @@ from maskrt.runtime.preprocess import Letterbox, letterbox_batch
 DEFAULT_CONF = 0.5
 
 
-@dataclass
 class Detections:
     """One image's detections, in that image's pixels.
 
     boxes float32 [N,4] xyxy; scores float32 [N] (decreasing); labels int64 [N] indexing
-    class_names (0 is background, never returned); masks bool [N,h,w].
+    class_names (0 is background, never returned).
+
+    Masks come two ways, both always available: ``mask_crops`` (MaskCrops: each mask's bool
+    window and its (x0, y0) origin in the image; what the Predictor makes and what drawing,
+    COCO encoding and serving use) and ``masks`` (bool [N,h,w], built from the crops on first
+    access and kept). Construct with either ``masks=`` (full frames) or ``mask_crops=``.
     """
 
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    masks: np.ndarray
-    class_names: tuple[str, ...]
+    def __init__(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None,
+                 class_names: Sequence[str] = (), *, mask_crops: MaskCrops | None = None) -> None:
+        if (masks is None) == (mask_crops is None):
+            raise MaskrtError("Detections needs exactly one of masks= (bool [N,h,w]) or mask_crops= (MaskCrops)")
+        self.boxes, self.scores, self.labels = boxes, scores, labels
+        self.class_names = tuple(class_names)
+        self._masks = None if masks is None else np.asarray(masks)
+        self._mask_crops = mask_crops
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        names = ", ".join(self.names[:5]) + (" ..." if len(self) > 5 else "")
+        return f"Detections({len(self)} in a {h}x{w} image: {names})"
 
     @property
     def names(self) -> list[str]:
@@ -51,7 +63,24 @@ class Detections:
     @property
     def image_size(self) -> tuple[int, int]:
         """(h, w) of the image the masks are pasted in."""
-        return int(self.masks.shape[1]), int(self.masks.shape[2])
+        if self._mask_crops is not None:
+            return self._mask_crops.image_size
+        return int(self._masks.shape[1]), int(self._masks.shape[2])
+
+    @property
+    def mask_crops(self) -> MaskCrops:
+        """Each mask as its window of the image (see runtime/masks.py); cut from ``masks`` (tight
+        bounding rectangles) when the Detections were made from full frames."""
+        if self._mask_crops is None:
+            self._mask_crops = crops_from_full_masks(self._masks)
+        return self._mask_crops
+
+    @property
+    def masks(self) -> np.ndarray:
+        """bool [N,h,w]: each mask in the whole image (N x h x w bytes; built once, on demand)."""
+        if self._masks is None:
+            self._masks = self._mask_crops.full()
+        return self._masks
 
 
 class Predictor:
@@ -118,7 +147,8 @@ class Predictor:
     def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Letterbox],
                     conf: float | None = None) -> list[Detections]:
         """Graph outputs -> Detections per image: keep num_dets and score >= conf, undo the
-        letterbox on the boxes, paste the masks in the original image."""
+        letterbox on the boxes, paste the masks in the original image (as crops: each box's
+        window only; ``Detections.masks`` builds full frames on demand)."""
         threshold = self.conf if conf is None else float(conf)
         results = []
         for i, placed in enumerate(placements):
@@ -126,13 +156,13 @@ class Predictor:
             scores = np.asarray(outputs["scores"][i, :count], dtype=np.float32)
             keep = np.flatnonzero(scores >= threshold)
             boxes = undo_letterbox_boxes(np.asarray(outputs["boxes"][i, keep]), placed)
-            masks = paste_masks(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size,
-                                rule=self.info.paste_rule)
+            crops = paste_mask_crops(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size,
+                                     rule=self.info.paste_rule)
             results.append(Detections(
                 boxes=boxes,
                 scores=scores[keep],
                 labels=np.asarray(outputs["labels"][i, keep], dtype=np.int64),
-                masks=masks,
                 class_names=self.info.class_names,
+                mask_crops=crops,
             ))
         return results

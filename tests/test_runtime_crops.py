@@ -1,0 +1,219 @@
+"""Masks as crops: pasting each box's window, drawing from crops and COCO RLE from a crop give
+exactly what the full-frame path gives (the full-frame paste and drawing shipped before,
+kept below as ``paste_masks_full_frame`` and ``draw_detections_full_frame``, and pycocotools'
+encoder)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from maskrt.errors import MaskrtError
+from maskrt.runtime.draw import class_color, draw_detections, draw_label
+from maskrt.runtime.masks import (MaskCrops, crop_rle_counts, crop_to_full_mask, crop_to_rle, crops_from_full_masks,
+                                  rle_counts_to_string)
+from maskrt.runtime.postprocess import MASK_THRESHOLD, expand_boxes, paste_mask_crops, paste_masks
+from maskrt.runtime.predictor import Detections
+from test_runtime_fakes import CLASS_NAMES
+
+
+def paste_masks_full_frame(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                           threshold: float | None = MASK_THRESHOLD, padding: int = 1) -> np.ndarray:
+    """The full-frame paste ``maskrt`` shipped before crops (2026-11-26), verbatim: the reference.
+
+    masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
+    pixels. Returns bool [N,h,w] (probability > threshold) or, with threshold=None, the float32
+    pasted probabilities [N,h,w] (zero outside each box).
+    """
+    h, w = image_size
+    count = len(masks)
+    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
+    if count == 0:
+        return pasted
+    size = masks.shape[-1]
+    padded = np.pad(masks.astype(np.float32), ((0, 0), (padding, padding), (padding, padding)))
+    # torch's .to(int64) truncates toward zero; astype does the same.
+    int_boxes = expand_boxes(boxes, (size + 2 * padding) / size).astype(np.int64)
+    for i, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
+        box_w, box_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        x0_img, x1_img = max(x1, 0), min(x2 + 1, w)
+        y0_img, y1_img = max(y1, 0), min(y2 + 1, h)
+        if x0_img >= x1_img or y0_img >= y1_img:
+            continue  # the box lies outside the image
+        resized = cv2.resize(padded[i], (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+        if resized.ndim == 1:  # cv2 drops a unit dimension of a 1xK or Kx1 result
+            resized = resized.reshape(box_h, box_w)
+        window = resized[y0_img - y1:y1_img - y1, x0_img - x1:x1_img - x1]
+        pasted[i, y0_img:y1_img, x0_img:x1_img] = window if threshold is None else window > threshold
+    return pasted
+
+
+def draw_detections_full_frame(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
+                               show_boxes: bool = True) -> np.ndarray:
+    """The drawing ``maskrt`` shipped before crops (2026-11-26), verbatim: per-detection boolean
+    indexing of the whole frame, contours traced on whole frames. The reference."""
+    canvas = bgr.copy()
+    if len(detections) == 0:
+        return canvas
+    order = np.argsort(detections.scores, kind="stable")  # low scores first
+    tint = canvas.copy()
+    for i in order:
+        tint[detections.masks[i]] = class_color(int(detections.labels[i]))
+    any_mask = detections.masks.any(axis=0)
+    blended = cv2.addWeighted(canvas, 1.0 - alpha, tint, alpha, 0.0)
+    canvas[any_mask] = blended[any_mask]
+    names = detections.names
+    for i in order:
+        color = class_color(int(detections.labels[i]))
+        contours, _ = cv2.findContours(detections.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
+        x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
+        if show_boxes:
+            cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
+        label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
+        draw_label(canvas, f"{names[i]} {detections.scores[i]:.2f}", (x1, y1 - int(22 * label_scale)), color,
+                   label_scale)
+    return canvas
+
+
+def random_detections(count: int, h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask probabilities [N,28,28], boxes [N,4], scores [N], labels [N]) with real 0.5
+    contours (several blobs per mask), boxes partly or wholly outside the image, smaller than a
+    pixel, of zero width, and tied scores."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(count, 28, 28)).astype(np.float32)
+    masks = 1.0 / (1.0 + np.exp(-8.0 * np.stack([cv2.GaussianBlur(m, (0, 0), 2.5) for m in raw])))
+    x1, y1 = rng.uniform(-0.2 * w, w, count), rng.uniform(-0.2 * h, h, count)
+    sizes = rng.uniform(1, 0.8 * min(h, w), (count, 2))
+    boxes = np.stack([x1, y1, x1 + sizes[:, 0], y1 + sizes[:, 1]], 1).astype(np.float32)
+    specials = [[3.2, 4.7, 3.9, 5.1],                          # smaller than a pixel
+                [w - 10.5, h - 12.25, w + 30.0, h + 8.0],      # past the bottom-right corner
+                [-40.0, -30.0, 25.0, 20.0],                    # past the top-left corner
+                [w + 5.0, 10.0, w + 50.0, 40.0],               # wholly outside
+                [10.0, 10.0, 10.0, 60.0],                      # zero width
+                [-10.0, -10.0, w + 10.0, h + 10.0]]            # larger than the image
+    boxes[:len(specials)] = np.array(specials, np.float32)[:count]
+    scores = np.sort(rng.choice([0.9, 0.8, 0.55, 0.3], count).astype(np.float32))[::-1].copy()  # ties
+    labels = rng.integers(1, len(CLASS_NAMES), count).astype(np.int64)
+    return masks, boxes, scores, labels
+
+
+@pytest.mark.parametrize("h, w, count, seed", [(97, 131, 24, 0), (240, 320, 60, 1), (64, 48, 7, 2), (180, 300, 100, 3)])
+def test_crop_paste_equals_full_frame_paste(h, w, count, seed):
+    masks, boxes, _, _ = random_detections(count, h, w, seed)
+    crops = paste_mask_crops(masks, boxes, (h, w))
+    reference = paste_masks_full_frame(masks, boxes, (h, w))
+    assert len(crops) == count and crops.image_size == (h, w)
+    assert np.array_equal(crops.full(), reference) and reference.sum() > 1000
+    probabilities = paste_mask_crops(masks, boxes, (h, w), threshold=None)
+    assert np.array_equal(probabilities.full(), paste_masks_full_frame(masks, boxes, (h, w), threshold=None))
+    assert np.array_equal(paste_masks(masks, boxes, (h, w)), reference)
+    assert crops.crops[3].shape == (0, 0)  # the box wholly outside the image
+    for i in range(count):  # every crop lies inside the image
+        x0, y0, x1, y1 = crops.window(i)
+        assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+        assert np.array_equal(crop_to_full_mask(crops.crops[i], crops.origins[i], (h, w)), reference[i])
+    # Far less memory than full frames: the crops hold at most the frames' bytes.
+    assert sum(c.nbytes for c in crops.crops) < reference.nbytes
+    empty = paste_mask_crops(np.zeros((0, 28, 28), np.float32), np.zeros((0, 4), np.float32), (h, w))
+    assert len(empty) == 0 and empty.full().shape == (0, h, w)
+
+
+@pytest.mark.parametrize("h, w, count, seed, alpha, show_boxes", [
+    (97, 131, 24, 0, 0.45, True), (240, 320, 60, 1, 0.45, False), (64, 48, 7, 2, 0.3, True),
+    (360, 640, 100, 3, 0.45, True), (120, 200, 1, 4, 0.7, True), (720, 1280, 20, 5, 0.45, True)])
+def test_drawing_from_crops_gives_the_full_frame_pixels(h, w, count, seed, alpha, show_boxes):
+    masks, boxes, scores, labels = random_detections(count, h, w, seed)
+    rng = np.random.default_rng(seed + 100)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image[: h // 3] = 255  # saturated pixels blend too
+    image[h // 3: h // 2] = 0
+    before = image.copy()
+    from_crops = Detections(boxes, scores, labels, class_names=CLASS_NAMES,
+                            mask_crops=paste_mask_crops(masks, boxes, (h, w)))
+    full = Detections(boxes, scores, labels, paste_masks_full_frame(masks, boxes, (h, w)), CLASS_NAMES)
+    expected = draw_detections_full_frame(image, full, alpha=alpha, show_boxes=show_boxes)
+    ours = draw_detections(image, from_crops, alpha=alpha, show_boxes=show_boxes)
+    assert not np.array_equal(expected, image)
+    assert np.array_equal(ours, expected), f"{int((ours != expected).any(axis=2).sum())} pixels differ"
+    # Detections made from full frames are cut to crops and draw the same.
+    assert np.array_equal(draw_detections(image, full, alpha=alpha, show_boxes=show_boxes), expected)
+    assert np.array_equal(image, before)  # the input is untouched
+
+
+def test_every_pixel_value_blends_as_before():
+    """Blending crop by crop gives the full-frame blend's pixel for every uint8 value and several
+    alphas, and a crop larger than its mask leaves the pixels outside the mask untouched."""
+    values = np.arange(256, dtype=np.uint8)
+    image = np.stack([values, values[::-1], np.roll(values, 77)], 1)[None].repeat(8, 0)  # [8,256,3]
+    mask = np.zeros((1, 8, 256), bool)
+    mask[0, 3:5, 100:140] = True
+    boxes = np.array([[0.0, 0.0, 256.0, 8.0]], np.float32)  # the box spans the frame; the mask does not
+    for alpha in (0.1, 0.45, 0.5, 0.9):
+        detections = Detections(boxes, np.array([0.9], np.float32), np.array([2]), mask, CLASS_NAMES)
+        crops = MaskCrops((np.ones((8, 256), bool) & mask[0],), np.zeros((1, 2), np.int64), (8, 256))
+        wide = Detections(boxes, np.array([0.9], np.float32), np.array([2]), class_names=CLASS_NAMES, mask_crops=crops)
+        expected = draw_detections_full_frame(image, detections, alpha=alpha, show_boxes=False)
+        assert np.array_equal(draw_detections(image, wide, alpha=alpha, show_boxes=False), expected)
+
+
+def test_detections_masks_are_built_on_demand_and_kept():
+    h, w = 90, 120
+    masks, boxes, scores, labels = random_detections(12, h, w, 7)
+    crops = paste_mask_crops(masks, boxes, (h, w))
+    detections = Detections(boxes, scores, labels, class_names=CLASS_NAMES, mask_crops=crops)
+    assert detections.image_size == (h, w) and detections._masks is None
+    full = detections.masks
+    assert full.dtype == bool and full.shape == (12, h, w) and detections.masks is full
+    assert np.array_equal(full, paste_masks_full_frame(masks, boxes, (h, w)))
+    back = crops_from_full_masks(full)
+    assert np.array_equal(back.full(), full)
+    assert all(c.shape[0] <= k.shape[0] and c.shape[1] <= k.shape[1] for c, k in zip(back.crops, crops.crops))
+    with pytest.raises(MaskrtError, match="exactly one of masks"):
+        Detections(boxes, scores, labels, class_names=CLASS_NAMES)
+
+
+def test_rle_of_a_crop_is_pycocotools_rle_of_its_full_mask():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    h, w = 97, 131
+    masks, boxes, _, _ = random_detections(40, h, w, 11)
+    crops = paste_mask_crops(masks, boxes, (h, w))
+    full = crops.full()
+    for i in range(len(crops)):
+        expected = mask_api.encode(np.asfortranarray(full[i].astype(np.uint8)))
+        ours = crop_to_rle(crops.crops[i], crops.origins[i], (h, w))
+        assert ours["size"] == [h, w] and ours["counts"] == expected["counts"].decode("ascii")
+        assert int(crop_rle_counts(crops.crops[i], crops.origins[i], (h, w)).sum()) == h * w
+        assert np.array_equal(mask_api.decode({"size": [h, w], "counts": ours["counts"].encode()}), full[i])
+    # Masks touching the first and last pixel (runs of zeros of length 0 at the start).
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        mh, mw = (int(v) for v in rng.integers(1, 30, 2))
+        x0, y0 = int(rng.integers(0, mw)), int(rng.integers(0, mh))
+        crop = rng.random((int(rng.integers(0, mh - y0 + 1)), int(rng.integers(0, mw - x0 + 1)))) < rng.random()
+        expected = mask_api.encode(np.asfortranarray(crop_to_full_mask(crop, (x0, y0), (mh, mw)).astype(np.uint8)))
+        assert crop_to_rle(crop, (x0, y0), (mh, mw))["counts"] == expected["counts"].decode("ascii")
+    ones = mask_api.encode(np.asfortranarray(np.ones((5, 4), np.uint8)))
+    assert crop_to_rle(np.ones((5, 4), bool), (0, 0), (5, 4))["counts"] == ones["counts"].decode("ascii")
+
+
+def test_rle_string_worked_example():
+    # pycocotools' rleToString: counts [0, 3, 100, 2, 20]; the 4th and 5th are stored as
+    # differences from two before (2 - 3 = -1, 20 - 100 = -80). 0 -> '0'; 3 -> '3';
+    # 100 = 4 + 3*32 -> '4'|0x20 = 'T', then 3 -> '3'; -1 -> 0x1F = 'O'; -80 = 16 + (-3)*32 ->
+    # 0x10|0x20 = 48 + 48 = '`', then -3 & 0x1F = 29 = 'M'. (pycocotools' frPyObjects gives
+    # b'03T3O`M' for these counts.)
+    assert rle_counts_to_string(np.array([0, 3, 100, 2, 20])) == "03T3O`M"
+
+
+def test_colour_planes_are_filled_grown_and_bounded():
+    from maskrt.runtime import draw
+
+    small = draw.color_plane((1, 2, 3), 4, 5)
+    assert small.shape == (4, 5, 3) and (small == np.array([1, 2, 3], np.uint8)).all()
+    grown = draw.color_plane((1, 2, 3), 9, 3)  # taller, narrower: the kept plane grows to 9x5
+    assert grown.shape == (9, 3, 3) and (grown == np.array([1, 2, 3], np.uint8)).all()
+    for value in range(draw.COLOR_PLANES_KEPT + 10):
+        draw.color_plane((value, 0, 0), 2, 2)
+    assert len(draw._color_planes) == draw.COLOR_PLANES_KEPT
+    assert (draw.COLOR_PLANES_KEPT + 9, 0, 0) in draw._color_planes and (0, 0, 0) not in draw._color_planes
