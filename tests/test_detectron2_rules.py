@@ -26,7 +26,7 @@ from maskrt.model.mask_rcnn import MaskRCNN
 from maskrt.model.roi_heads import MultiLevelRoIPooler, RoIHeads
 from maskrt.model.rpn import RegionProposalNetwork, RPNHead
 from maskrt.model.transform import detectron2_paste_masks_in_image, detectron2_resized_size, paste_masks_in_image
-from maskrt.runtime.postprocess import paste_masks
+from maskrt.runtime.postprocess import paste_mask_crops, paste_masks
 
 torch.set_num_threads(1)
 
@@ -326,6 +326,12 @@ def test_paste_matches_detectron2_at_fractional_boxes() -> None:
         inside = ours != 0
         np.testing.assert_allclose(ours[inside], references[inside], rtol=0, atol=1e-5)
         assert np.all(references[~inside] < 0.5)
+    # The runtime keeps each mask as its window: detectron2's CPU region, clipped to the image.
+    crops = paste_mask_crops(masks, PASTE_BOXES, (height, width), rule="detectron2")
+    for i, (x1, y1, x2, y2) in enumerate(PASTE_BOXES.tolist()):
+        assert crops.window(i) == (max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0),
+                                   min(math.ceil(x2) + 1, width), min(math.ceil(y2) + 1, height))
+    assert np.array_equal(crops.full(), runtime_bool)
     near = np.abs(references - 0.5) < 1e-3
     assert np.array_equal(runtime_bool[~near], (references >= 0.5)[~near])
     assert runtime_bool.sum() > 500 and runtime_bool[1].any()
