@@ -84,6 +84,8 @@ def model_metadata(model: torch.nn.Module, input_size: tuple[int, int], target: 
         "mask_size": str(int(model.mask_size)),
         "detections_per_img": str(int(model.detections_per_img)),
         "box_score_thresh": str(float(model.roi_heads.score_thresh)),
+        # How the runtime pastes masks: "torchvision" or "detectron2" (models from from_detectron2).
+        "paste_rule": str(getattr(model, "paste_rule", "torchvision")),
         "opset": str(OPSET),
     }
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import builtins
 import codecs
 import logging
-import math
 import pickle
 import re
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from maskrt.errors import MaskrtError
 from maskrt.model.mask_rcnn import MaskRCNN
+from maskrt.model.ops.anchors import detectron2_cell_anchors
 from maskrt.model.presets import build_model
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,12 @@ DETECTRON2_SETTINGS: dict[str, Any] = {
     "box_detections_per_img": 100,  # TEST.DETECTIONS_PER_IMAGE
     "roi_aligned": True,  # POOLER_TYPE "ROIAlignV2" = aligned (half-pixel) RoIAlign
     "box_sampling_ratio": 0, "mask_sampling_ratio": 0,  # POOLER_SAMPLING_RATIO 0 = adaptive
+    # detectron2's own inference rules (MaskRCNN's docstring; docs/convert.md cites the source).
+    "anchor_rule": "detectron2",  # unrounded cell anchors, level strides (anchor_generator.py)
+    "selection_rule": "detectron2",  # proposal_utils.py, fast_rcnn.py, postprocessing.py
+    "level_rule": "detectron2",  # poolers.py assign_boxes_to_levels
+    "resize_rule": "detectron2",  # ResizeShortestEdge: int(x + 0.5), PIL bilinear
+    "paste_rule": "detectron2",  # mask_ops.py paste_masks_in_image
 }
 
 _NORM_FIELDS = "(weight|bias|running_mean|running_var)"
@@ -448,17 +454,6 @@ def _pixel_stat_rgb01(value: Tensor, key: str, input_format: str) -> list[float]
 _D2_CELL_ANCHORS = re.compile(r"proposal_generator\.anchor_generator\.cell_anchors\.(\d+)")
 
 
-def _detectron2_cell_anchors(size: float, aspect_ratios: list[float]) -> Tensor:
-    """detectron2's `DefaultAnchorGenerator.generate_cell_anchors` for one size: for each
-    aspect ratio a = h / w, w = sqrt(size**2 / a), h = a * w, centred on 0, not rounded."""
-    rows = []
-    for ratio in aspect_ratios:
-        width = math.sqrt(size * size / ratio)
-        height = ratio * width
-        rows.append([-width / 2, -height / 2, width / 2, height / 2])
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 def _check_cell_anchors(source: dict[str, Tensor], sizes: list[list[float]],
                         aspect_ratios: list[list[float]], path: str | Path) -> None:
     """Old detectron2 checkpoints saved the RPN's cell anchors. They are read, not ignored:
@@ -470,7 +465,7 @@ def _check_cell_anchors(source: dict[str, Tensor], sizes: list[list[float]],
         if level >= len(sizes):
             raise MaskrtError(f"{path}: {key} but the model has {len(sizes)} anchor levels")
         ratios = aspect_ratios[level] if len(aspect_ratios) > 1 else aspect_ratios[0]
-        expected = torch.cat([_detectron2_cell_anchors(size, list(ratios)) for size in sizes[level]])
+        expected = detectron2_cell_anchors(sizes[level], list(ratios)).double()
         if saved.shape != expected.shape or not torch.allclose(saved, expected, atol=1e-3):
             raise MaskrtError(f"{path}: {key} holds anchors {saved.reshape(-1, 4)[:, 2:].mul(2).tolist()} "
                               f"(w, h), not those of sizes {sizes[level]} x aspect ratios {list(ratios)}: "

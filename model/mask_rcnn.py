@@ -20,7 +20,8 @@ from maskrt.model.fpn import BackboneWithFPN
 from maskrt.model.roi_heads import (ConvFCHead, FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor,
                                     MultiLevelRoIPooler, RoIHeads, TwoMLPHead)
 from maskrt.model.rpn import RegionProposalNetwork, RPNHead
-from maskrt.model.transform import batch_images, postprocess, resize_image, resize_target
+from maskrt.model.transform import (PASTE_RULES, RESIZE_RULES, batch_images, postprocess, resize_image,
+                                    resize_target)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +45,15 @@ class MaskRCNN(nn.Module):
     `box_head_convs` (widths of 3x3 convs before a single fc in the box head; empty: the
     two-fc head), `mask_positives_per_image` (training only: at most this many positive RoIs
     per image, a random subset, train the mask head; None: all, as torchvision), `class_names`.
+
+    Whose inference rules the model follows, each "torchvision" (the default, today's) or
+    "detectron2" (what `from_detectron2` sets; docs/convert.md cites detectron2's source):
+    `anchor_rule` (cell anchors rounded or not, strides; `ops.AnchorGenerator`),
+    `selection_rule` (which proposals and detections survive, NMS ranking by probability or
+    logit; `RegionProposalNetwork`, `RoIHeads`), `level_rule` (the RoI -> FPN level epsilon;
+    `MultiLevelRoIPooler`), `resize_rule` (size rounding and antialiasing of the eval
+    resize) and `paste_rule` (how masks are pasted into the image; also written into the
+    exported graph's metadata, where the runtime reads it).
     """
 
     def __init__(self, backbone: BackboneWithFPN, num_classes: int, class_names: Sequence[str] | None = None, *,
@@ -64,8 +74,15 @@ class MaskRCNN(nn.Module):
                  mask_dim_reduced: int = 256, roi_op: str = "align", roi_aligned: bool = False,
                  box_sampling_ratio: int = 2, mask_sampling_ratio: int = 2,
                  roi_canonical_scale: float = 224.0, box_head_convs: Sequence[int] = (),
-                 mask_positives_per_image: int | None = None) -> None:
+                 mask_positives_per_image: int | None = None, anchor_rule: str = "torchvision",
+                 selection_rule: str = "torchvision", level_rule: str = "torchvision",
+                 resize_rule: str = "torchvision", paste_rule: str = "torchvision") -> None:
         super().__init__()
+        for name, value, choices in (("resize_rule", resize_rule, RESIZE_RULES), ("paste_rule", paste_rule, PASTE_RULES)):
+            if value not in choices:
+                raise MaskrtError(f"unknown {name} {value!r}: choose {' or '.join(map(repr, choices))}")
+        self.resize_rule = resize_rule
+        self.paste_rule = paste_rule
         if num_classes < 2:
             raise MaskrtError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
         if mask_positives_per_image is not None and mask_positives_per_image < 1:
@@ -88,15 +105,17 @@ class MaskRCNN(nn.Module):
 
         self.backbone = backbone
         channels = backbone.out_channels
-        anchor_generator = ops.AnchorGenerator(anchor_sizes, aspect_ratios)
+        anchor_generator = ops.AnchorGenerator(anchor_sizes, aspect_ratios, anchor_rule)
         self.rpn = RegionProposalNetwork(
             anchor_generator, RPNHead(channels, anchor_generator.num_anchors_per_location()[0]),
             rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
             {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-            rpn_nms_thresh, rpn_score_thresh)
-        box_pool = MultiLevelRoIPooler(7, box_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale)
-        mask_pool = MultiLevelRoIPooler(14, mask_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale)
+            rpn_nms_thresh, rpn_score_thresh, selection_rule)
+        box_pool = MultiLevelRoIPooler(7, box_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale,
+                                       level_rule=level_rule)
+        mask_pool = MultiLevelRoIPooler(14, mask_sampling_ratio, roi_aligned, roi_op, roi_canonical_scale,
+                                        level_rule=level_rule)
         self.roi_heads = RoIHeads(
             box_pool, (ConvFCHead(channels, box_head_convs, representation_size) if box_head_convs
                        else TwoMLPHead(channels * 7 * 7, representation_size)),
@@ -104,7 +123,8 @@ class MaskRCNN(nn.Module):
             box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
             bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
             mask_pool, MaskRCNNHeads(channels, mask_layers),
-            MaskRCNNPredictor(mask_layers[-1], mask_dim_reduced, num_classes), mask_positives_per_image)
+            MaskRCNNPredictor(mask_layers[-1], mask_dim_reduced, num_classes), mask_positives_per_image,
+            selection_rule)
 
     @property
     def mask_size(self) -> int:
@@ -156,7 +176,7 @@ class MaskRCNN(nn.Module):
         each image's own pixels."""
         self._check_images(images)
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        resized = [resize_image(img, self.min_size[-1], self.max_size) for img in images]
+        resized = [resize_image(img, self.min_size[-1], self.max_size, self.resize_rule) for img in images]
         resized_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
         batch = batch_images(resized, self.image_mean)
         sizes = torch.tensor(resized_sizes, dtype=torch.int64, device=batch.device)
@@ -165,9 +185,15 @@ class MaskRCNN(nn.Module):
         results = []
         for index, (resized_size, original_size) in enumerate(zip(resized_sizes, original_sizes)):
             count = int(num_dets[index])
-            out_boxes, out_masks = postprocess(boxes[index, :count], masks[index, :count], resized_size, original_size)
-            results.append({"boxes": out_boxes, "labels": labels[index, :count], "scores": scores[index, :count],
-                            "masks": out_masks})
+            out_boxes, out_masks = postprocess(boxes[index, :count], masks[index, :count], resized_size, original_size,
+                                               self.paste_rule)
+            out_labels, out_scores = labels[index, :count], scores[index, :count]
+            if self.paste_rule == "detectron2":
+                # detector_postprocess (postprocessing.py line 58): boxes empty after scaling go.
+                nonempty = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+                out_boxes, out_masks = out_boxes[nonempty], out_masks[nonempty]
+                out_labels, out_scores = out_labels[nonempty], out_scores[nonempty]
+            results.append({"boxes": out_boxes, "labels": out_labels, "scores": out_scores, "masks": out_masks})
         return results
 
     # --- training -------------------------------------------------------------------------

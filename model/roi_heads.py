@@ -20,6 +20,10 @@ from maskrt.model.matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Balan
 from maskrt.model.rpn import clip_boxes_batched
 
 ROI_OPS = ("align", "pool")
+LEVEL_RULES = ("torchvision", "detectron2")
+# The contract's level rule adds 1e-6 to log2(sqrt(area) / canonical_scale); scaling the
+# canonical side by 2**1e-6 cancels it (detectron2's rule, see MultiLevelRoIPooler).
+_CONTRACT_LEVEL_EPSILON = 1e-6
 
 
 class MultiLevelRoIPooler(nn.Module):
@@ -32,13 +36,26 @@ class MultiLevelRoIPooler(nn.Module):
 
     Shapes: features P2..P5 [B, C, H_l, W_l], rois [B, R, 4] xyxy in padded-input pixels ->
     [B, R, C, output_size, output_size].
+
+    `level_rule` "torchvision": the op contract's `floor(k0 + log2(sqrt(area) / s0) + 1e-6)`
+    (torchvision's LevelMapper). "detectron2": `floor(k0 + log2(sqrt(area) / s0 + 1e-8))`
+    (detectron2/modeling/poolers.py at commit 02b5c4e, `assign_boxes_to_levels` lines 51-59).
+    In float32 detectron2's 1e-8 vanishes next to any box side above ~0.001 px, so its rule is
+    `floor(k0 + log2(sqrt(area) / s0))`; the op is given `s0 * 2**1e-6`, since
+    `log2(sqrt(area) / (s0 * 2**1e-6)) + 1e-6 = log2(sqrt(area) / s0)`. The contract and every
+    implementation of it stay as they are; the two rules then agree but for float32 rounding
+    within ~3 ulps of a level boundary, where torchvision's rule differed up to ~12 ulps
+    (sides in [112 - 8e-5, 112), [224 - 1.6e-4, 224), [448 - 3.1e-4, 448) px).
     """
 
     def __init__(self, output_size: int, sampling_ratio: int, aligned: bool = False, roi_op: str = "align",
-                 canonical_scale: float = 224.0, canonical_level: int = 4) -> None:
+                 canonical_scale: float = 224.0, canonical_level: int = 4, level_rule: str = "torchvision") -> None:
         super().__init__()
         if roi_op not in ROI_OPS:
             raise MaskrtError(f"unknown roi_op {roi_op!r}: choose 'align' or 'pool'")
+        if level_rule not in LEVEL_RULES:
+            raise MaskrtError(f"unknown level rule {level_rule!r}: choose 'torchvision' or 'detectron2'")
+        self.level_rule = level_rule
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
@@ -46,13 +63,21 @@ class MultiLevelRoIPooler(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
+    @property
+    def op_canonical_scale(self) -> float:
+        """The canonical_scale handed to the op: the model's, or for detectron2's level rule
+        the model's times 2**1e-6 (see the class docstring)."""
+        if self.level_rule == "detectron2":
+            return float(self.canonical_scale) * 2.0 ** _CONTRACT_LEVEL_EPSILON
+        return float(self.canonical_scale)
+
     def forward(self, features: list[Tensor], rois: Tensor, padded_size: tuple[int, int]) -> Tensor:
         scales = ops.infer_spatial_scales([tuple(f.shape[-2:]) for f in features], padded_size)
         if self.roi_op == "pool":
             return ops.multilevel_roi_pool(rois, features, scales, (self.output_size, self.output_size),
-                                           self.canonical_scale, self.canonical_level)
+                                           self.op_canonical_scale, self.canonical_level)
         return ops.multilevel_roi_align(rois, features, scales, self.output_size, self.output_size,
-                                        self.sampling_ratio, self.aligned, self.canonical_scale,
+                                        self.sampling_ratio, self.aligned, self.op_canonical_scale,
                                         self.canonical_level, "avg")
 
     def extra_repr(self) -> str:
@@ -156,11 +181,20 @@ def pad_lists(per_image: list[Tensor], fill: float = 0.0) -> tuple[Tensor, Tenso
     return padded, valid
 
 
+SELECTION_RULES = ("torchvision", "detectron2")
+
+
 class RoIHeads(nn.Module):
     """Box and mask branches on RPN proposals.
 
     Inference (`detect`): static shapes [B, P] proposals -> D detections per image.
     Training (`losses`): torchvision's sampling and the three losses of the heads.
+    `selection_rule` picks which candidates may become detections: "torchvision" drops boxes
+    with a side < 1e-2 before NMS (`postprocess_detections`); "detectron2" keeps every box
+    through NMS and the top-D (detectron2/modeling/roi_heads/fast_rcnn.py at commit 02b5c4e,
+    `fast_rcnn_inference_single_image` lines 137-171: finite rows, score > threshold, class-wise
+    NMS, top-k), then drops the kept ones with a side <= 0 (`detector_postprocess`,
+    modeling/postprocessing.py line 58), so an empty box still takes one of the D places.
     """
 
     def __init__(self, box_roi_pool: MultiLevelRoIPooler, box_head: TwoMLPHead, box_predictor: FastRCNNPredictor,
@@ -168,8 +202,11 @@ class RoIHeads(nn.Module):
                  positive_fraction: float, bbox_reg_weights: Sequence[float] | None, score_thresh: float,
                  nms_thresh: float, detections_per_img: int, mask_roi_pool: MultiLevelRoIPooler,
                  mask_head: MaskRCNNHeads, mask_predictor: MaskRCNNPredictor,
-                 mask_positives_per_image: int | None = None) -> None:
+                 mask_positives_per_image: int | None = None, selection_rule: str = "torchvision") -> None:
         super().__init__()
+        if selection_rule not in SELECTION_RULES:
+            raise MaskrtError(f"unknown selection rule {selection_rule!r}: choose 'torchvision' or 'detectron2'")
+        self.selection_rule = selection_rule
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -199,9 +236,13 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_predictor(self.box_head(box_features.flatten(0, 1)))
         num_classes = class_logits.shape[-1]
         # Class-specific decode: [B*P, K, 4], then clip each image's boxes to its own size.
-        boxes = self.box_coder.decode_single(box_deltas, proposals.reshape(-1, 4)).reshape(batch, -1, 4)
-        boxes = clip_boxes_batched(boxes, image_sizes).reshape(batch, num_proposals, num_classes, 4)
+        decoded = self.box_coder.decode_single(box_deltas, proposals.reshape(-1, 4)).reshape(batch, -1, 4)
+        boxes = clip_boxes_batched(decoded, image_sizes).reshape(batch, num_proposals, num_classes, 4)
         scores = F.softmax(class_logits, -1).reshape(batch, num_proposals, num_classes)
+        if self.selection_rule == "detectron2":
+            # fast_rcnn.py line 137: a proposal whose decoded boxes (before clipping) or scores
+            # are not all finite goes, all its classes with it.
+            finite = torch.isfinite(decoded).reshape(batch, num_proposals, -1).all(-1) & torch.isfinite(scores).all(-1)
         labels = torch.arange(num_classes, device=scores.device).expand(batch, num_proposals, num_classes)
         # Drop the background column, then every (proposal, class) pair is a candidate.
         boxes = boxes[:, :, 1:].reshape(batch, -1, 4)
@@ -210,10 +251,15 @@ class RoIHeads(nn.Module):
         present = proposal_valid[:, :, None].expand(-1, -1, num_classes - 1).reshape(batch, -1)
         widths = boxes[..., 2] - boxes[..., 0]
         heights = boxes[..., 3] - boxes[..., 1]
-        present = present & (widths >= 1e-2) & (heights >= 1e-2)
+        if self.selection_rule == "detectron2":
+            present = present & finite[:, :, None].expand(-1, -1, num_classes - 1).reshape(batch, -1)
+        else:
+            present = present & (widths >= 1e-2) & (heights >= 1e-2)
         scores = torch.where(present, scores, torch.full_like(scores, float("-inf")))
         keep = ops.nms_padded(boxes, scores, labels, self.nms_thresh, self.score_thresh, self.detections_per_img)
         kept = keep >= 0
+        if self.selection_rule == "detectron2":
+            keep, kept = self._drop_empty_detections(boxes, keep, kept)
         index = keep.clamp(min=0)
         kept_float = kept.to(boxes.dtype)
         det_boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4)) * kept_float[..., None]
@@ -222,6 +268,18 @@ class RoIHeads(nn.Module):
         num_dets = kept.sum(dim=1).to(torch.int32)
         masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
         return num_dets, det_boxes, det_scores, det_labels, masks
+
+    @staticmethod
+    def _drop_empty_detections(boxes: Tensor, keep: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """detectron2's `results[output_boxes.nonempty()]` after the top-D: kept detections
+        with a side <= 0 go, the rest move up in order. keep int64 [B, D] indices into boxes
+        [B, N, 4], kept bool [B, D] -> both compacted."""
+        chosen = torch.gather(boxes, 1, keep.clamp(min=0)[..., None].expand(-1, -1, 4))
+        kept = kept & (chosen[..., 2] > chosen[..., 0]) & (chosen[..., 3] > chosen[..., 1])
+        slots = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        # Distinct sort keys (kept slots first, each group in its own order): no tie to break.
+        order = torch.argsort(torch.where(kept, slots, slots + keep.shape[1]), dim=1)
+        return torch.gather(keep, 1, order), torch.gather(kept, 1, order)
 
     def mask_probabilities(self, features: list[Tensor], boxes: Tensor, labels: Tensor,
                            padded_size: tuple[int, int]) -> Tensor:

@@ -6,6 +6,15 @@ objectness, decode, clip, mark small / low-score boxes absent (score -inf), then
 proposals [B, P, 4] + validity [B, P]. That is torchvision's order of operations
 (`RegionProposalNetwork.filter_proposals`) with the data-dependent filtering replaced by -inf
 scores, so the kept boxes are the same.
+
+`rule="detectron2"` is detectron2's `find_top_rpn_proposals` (detectron2/modeling/
+proposal_generator/proposal_utils.py at commit 02b5c4e, lines 67-135) at test time: the same
+per-level top-k (line 79), NMS over levels (line 121) and per-image top-k after NMS
+(line 129), but NMS ranks by the objectness *logits* (sigmoid probabilities saturate to 1.0
+in float32 above a logit of ~17, and the ties reorder proposals), non-finite boxes or
+scores are dropped (line 105), and a proposal is kept when both sides are > 0 after clipping
+(`Boxes.nonempty`, structures/boxes.py lines 199-213, PROPOSAL_GENERATOR.MIN_SIZE 0) instead
+of torchvision's >= 1e-3.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrt.errors import MaskrtError
 from maskrt.model import ops
 from maskrt.model.fpn import conv_norm_act
 from maskrt.model.matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
@@ -65,12 +75,16 @@ def clip_boxes_batched(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     return torch.stack((x1, y1, x2, y2), dim=-1)
 
 
+PROPOSAL_RULES = ("torchvision", "detectron2")
+
+
 class RegionProposalNetwork(nn.Module):
     """Anchors + RPN head -> proposals; in training also the objectness and box losses.
 
     Args follow torchvision: `pre_nms_top_n` / `post_nms_top_n` dicts with keys "training" and
     "testing", IoU thresholds for the anchor matcher (0.7 / 0.3 with low-quality matches), the
-    256 / 0.5 sampler, `nms_thresh` and `score_thresh` (on sigmoid probabilities, kept if >=).
+    256 / 0.5 sampler, `nms_thresh` and `score_thresh` (on sigmoid probabilities, kept if >=);
+    `rule` ("torchvision" | "detectron2") as the module docstring says.
     """
 
     min_box_size = 1e-3  # torchvision's RPN drops proposals thinner than this
@@ -78,8 +92,11 @@ class RegionProposalNetwork(nn.Module):
     def __init__(self, anchor_generator: ops.AnchorGenerator, head: RPNHead, fg_iou_thresh: float,
                  bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
                  pre_nms_top_n: dict[str, int], post_nms_top_n: dict[str, int], nms_thresh: float,
-                 score_thresh: float = 0.0) -> None:
+                 score_thresh: float = 0.0, rule: str = "torchvision") -> None:
         super().__init__()
+        if rule not in PROPOSAL_RULES:
+            raise MaskrtError(f"unknown proposal rule {rule!r}: choose 'torchvision' or 'detectron2'")
+        self.rule = rule
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -99,10 +116,10 @@ class RegionProposalNetwork(nn.Module):
     def anchors(self, features: list[Tensor], padded_size: tuple[int, int]) -> list[Tensor]:
         """Per-level anchors [H_l*W_l*A, 4] for the padded batch size (H, W).
 
-        Strides are `padded_size // grid_size` per axis, torchvision's integer rule (so P6 of
-        an 800-row input, 13 rows, gets stride 61, not 64)."""
+        Strides are the anchor generator's rule: torchvision's `padded_size // grid_size` per
+        axis (so P6 of an 800-row input, 13 rows, gets stride 61), detectron2's 2**level (64)."""
         grid_sizes = [tuple(feature.shape[-2:]) for feature in features]
-        strides = [(padded_size[0] // grid[0], padded_size[1] // grid[1]) for grid in grid_sizes]
+        strides = self.anchor_generator.strides(grid_sizes, padded_size)
         return self.anchor_generator.grid_anchors(grid_sizes, strides, device=features[0].device)
 
     def forward(self, features: list[Tensor], padded_size: tuple[int, int],
@@ -127,7 +144,7 @@ class RegionProposalNetwork(nn.Module):
 
         P = post_nms_top_n; entries past an image's kept count are zero boxes, invalid."""
         batch = objectness.shape[0]
-        top_scores, top_boxes, top_levels = [], [], []
+        top_scores, top_logits, top_boxes, top_levels = [], [], [], []
         offset = 0
         for level, (anchors, count) in enumerate(zip(anchors_per_level, num_per_level)):
             level_logits = objectness[:, offset:offset + count]
@@ -138,16 +155,26 @@ class RegionProposalNetwork(nn.Module):
             boxes = self.box_coder.decode_single(level_deltas.reshape(-1, 4), level_anchors.reshape(-1, 4))
             top_boxes.append(boxes.reshape(batch, k, 4))
             top_scores.append(torch.sigmoid(logits))
+            top_logits.append(logits)
             top_levels.append(torch.full((batch, k), level, dtype=torch.int64, device=objectness.device))
             offset += count
-        boxes = clip_boxes_batched(torch.cat(top_boxes, dim=1), image_sizes)
+        decoded = torch.cat(top_boxes, dim=1)
+        boxes = clip_boxes_batched(decoded, image_sizes)
         scores = torch.cat(top_scores, dim=1)
         levels = torch.cat(top_levels, dim=1)
         widths = boxes[..., 2] - boxes[..., 0]
         heights = boxes[..., 3] - boxes[..., 1]
-        present = (widths >= self.min_box_size) & (heights >= self.min_box_size) & (scores >= self.score_thresh)
-        scores = torch.where(present, scores, torch.full_like(scores, float("-inf")))
-        keep = ops.nms_padded(boxes, scores, levels, self.nms_thresh, float("-inf"), self.post_nms_top_n())
+        if self.rule == "detectron2":
+            # proposal_utils.py lines 105 (finite), 117 (nonempty: sides > 0), 121 (NMS by logit).
+            logits = torch.cat(top_logits, dim=1)
+            present = (widths > 0) & (heights > 0) & (scores >= self.score_thresh)
+            present = present & torch.isfinite(decoded).all(dim=-1) & torch.isfinite(logits)
+            ranking = logits
+        else:
+            present = (widths >= self.min_box_size) & (heights >= self.min_box_size) & (scores >= self.score_thresh)
+            ranking = scores
+        ranking = torch.where(present, ranking, torch.full_like(ranking, float("-inf")))
+        keep = ops.nms_padded(boxes, ranking, levels, self.nms_thresh, float("-inf"), self.post_nms_top_n())
         valid = keep >= 0
         proposals = torch.gather(boxes, 1, keep.clamp(min=0)[..., None].expand(-1, -1, 4))
         proposals = proposals * valid[..., None].to(proposals.dtype)

@@ -5,6 +5,20 @@ The rules are torchvision's `GeneralizedRCNNTransform` and `paste_masks_in_image
 order design.md fixes; the difference is where normalisation happens: here images stay in
 [0, 1] and are padded with `image_mean` (the model normalises inside `detect_batch`, so the
 padding becomes 0 exactly as torchvision's pad-after-normalise).
+
+detectron2's rules, for models imported from it (`rule="detectron2"`; file and line numbers
+are detectron2's at commit 02b5c4e):
+- resize: `ResizeShortestEdge.get_output_shape` (data/transforms/augmentation_impl.py lines
+  181-200) rounds the new size (`int(x + 0.5)`), and `ResizeTransform.apply_image`
+  (data/transforms/transform.py lines 112-123) resizes uint8 images with PIL's bilinear, which
+  antialiases when shrinking: here `F.interpolate(bilinear, antialias=True)` to that size.
+- pasting: `paste_masks_in_image` / `_do_paste_mask` (layers/mask_ops.py lines 17-147): each
+  image pixel centre (x + 0.5, y + 0.5) inside the box is sampled from the M x M mask with
+  `grid_sample` (bilinear, zeros outside, align_corners=False): mask coordinate
+  `u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5`; no padding, no integer box. On CPU detectron2
+  pastes box by box over `[floor(x1) - 1, ceil(x2) + 1)` (rows likewise) and leaves the rest 0.
+- boxes back to the image: scaled, then clipped to the image, and empty ones dropped
+  (`detector_postprocess`, modeling/postprocessing.py lines 41-58).
 """
 from __future__ import annotations
 
@@ -16,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskrt.errors import MaskrtError
+
+RESIZE_RULES = ("torchvision", "detectron2")
+PASTE_RULES = ("torchvision", "detectron2")
 
 
 def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
@@ -32,12 +49,38 @@ def resized_size(height: int, width: int, min_size: float, max_size: float) -> t
     return int(math.floor(height * scale)), int(math.floor(width * scale))
 
 
-def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
-    """Bilinear resize (align_corners=False, recomputed scale factor) of [C, h, w] -> [C, h', w']."""
+def detectron2_resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """detectron2's `ResizeShortestEdge.get_output_shape` (augmentation_impl.py lines 181-200),
+    in Python floats: the short side to min_size, the long side capped at max_size, each
+    rounded half up (`int(x + 0.5)`); torchvision floors instead."""
+    size = float(min_size)
+    scale = size / min(height, width)
+    if height < width:
+        new_h, new_w = size, scale * width
+    else:
+        new_h, new_w = scale * height, size
+    if max(new_h, new_w) > max_size:
+        scale = float(max_size) / max(new_h, new_w)
+        new_h = new_h * scale
+        new_w = new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_image(image: Tensor, min_size: float, max_size: float, rule: str = "torchvision") -> Tensor:
+    """Bilinear resize (align_corners=False, recomputed scale factor) of [C, h, w] -> [C, h', w'].
+
+    rule "detectron2": to `detectron2_resized_size`, antialiased as PIL's bilinear."""
     if image.dim() != 3:
         raise MaskrtError(f"an image must be a [C, H, W] tensor, got shape {tuple(image.shape)}")
     if not image.is_floating_point():
         raise MaskrtError(f"images must be float tensors in [0, 1], got dtype {image.dtype}")
+    if rule not in RESIZE_RULES:
+        raise MaskrtError(f"unknown resize rule {rule!r}: choose 'torchvision' or 'detectron2'")
+    if rule == "detectron2":
+        size = detectron2_resized_size(int(image.shape[-2]), int(image.shape[-1]), min_size, max_size)
+        if size == (int(image.shape[-2]), int(image.shape[-1])):
+            return image  # PIL's resize to the same size is the identity
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     scale = resize_scale(image.shape[-2], image.shape[-1], min_size, max_size)
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                          align_corners=False)[0]
@@ -141,9 +184,55 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
     return pasted.to(masks.dtype)[:, None]
 
 
-def postprocess(boxes: Tensor, masks: Tensor, resized: tuple[int, int], original: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def detectron2_paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Paste M x M mask probabilities at their boxes as detectron2 does on CPU
+    (`_do_paste_mask` with skip_empty, layers/mask_ops.py lines 17-69): per box, over the
+    pixels `[floor(x1) - 1, ceil(x2) + 1) x [floor(y1) - 1, ceil(y2) + 1)` clipped to the
+    image, `grid_sample` at the pixel centres; 0 elsewhere. Boxes with a side <= 0 (detectron2
+    drops them before pasting) paste nothing.
+
+    masks [N, 1, M, M] or [N, M, M], boxes [N, 4] xyxy in the image's pixels, image_size (H, W)
+    -> float probabilities [N, 1, H, W] (detectron2 thresholds them with >= 0.5)."""
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    height, width = image_size
+    pasted = masks.new_zeros((masks.shape[0], 1, height, width), dtype=torch.float32)
+    for index in range(masks.shape[0]):
+        box = boxes[index:index + 1].to(torch.float32)
+        x0, y0, x1, y1 = (float(v) for v in box[0])
+        if not (x1 > x0 and y1 > y0):
+            continue
+        # mask_ops.py lines 39-43: the region, as int32 after clamping.
+        col_start = max(int(math.floor(x0)) - 1, 0)
+        row_start = max(int(math.floor(y0)) - 1, 0)
+        col_stop = min(int(math.ceil(x1)) + 1, width)
+        row_stop = min(int(math.ceil(y1)) + 1, height)
+        if col_start >= col_stop or row_start >= row_stop:
+            continue
+        # Lines 51-59, in float32 as there: normalised grid coordinates of the pixel centres.
+        img_y = torch.arange(row_start, row_stop, dtype=torch.float32, device=masks.device) + 0.5
+        img_x = torch.arange(col_start, col_stop, dtype=torch.float32, device=masks.device) + 0.5
+        img_y = (img_y - box[:, 1:2]) / (box[:, 3:4] - box[:, 1:2]) * 2 - 1
+        img_x = (img_x - box[:, 0:1]) / (box[:, 2:3] - box[:, 0:1]) * 2 - 1
+        grid = torch.stack([img_x[:, None, :].expand(1, img_y.shape[1], img_x.shape[1]),
+                            img_y[:, :, None].expand(1, img_y.shape[1], img_x.shape[1])], dim=3)
+        sampled = F.grid_sample(masks[index:index + 1, None].to(torch.float32), grid, align_corners=False)
+        pasted[index, 0, row_start:row_stop, col_start:col_stop] = sampled[0, 0]
+    return pasted.to(masks.dtype)
+
+
+def postprocess(boxes: Tensor, masks: Tensor, resized: tuple[int, int], original: tuple[int, int],
+                paste_rule: str = "torchvision") -> tuple[Tensor, Tensor]:
     """Detections of one image from the resized input back to the caller's pixels.
 
-    boxes [N, 4] in resized pixels, masks [N, M, M] -> boxes [N, 4], masks [N, 1, H, W]."""
+    boxes [N, 4] in resized pixels, masks [N, M, M] -> boxes [N, 4], masks [N, 1, H, W].
+    paste_rule "detectron2": boxes are also clipped to the image (`detector_postprocess`)
+    and the masks pasted by `detectron2_paste_masks_in_image`."""
     boxes = resize_boxes(boxes, resized, original)
+    if paste_rule == "detectron2":
+        boxes = torch.stack((boxes[:, 0].clamp(0, original[1]), boxes[:, 1].clamp(0, original[0]),
+                             boxes[:, 2].clamp(0, original[1]), boxes[:, 3].clamp(0, original[0])), dim=1)
+        return boxes, detectron2_paste_masks_in_image(masks, boxes, original)
+    if paste_rule != "torchvision":
+        raise MaskrtError(f"unknown paste rule {paste_rule!r}: choose 'torchvision' or 'detectron2'")
     return boxes, paste_masks_in_image(masks, boxes, original)

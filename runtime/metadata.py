@@ -31,6 +31,7 @@ class ModelInfo:
     category_ids: tuple[int, ...] = ()
     precision: str = "fp32"
     target: str = "onnx"
+    paste_rule: str = "torchvision"  # how masks go into the image: "torchvision" | "detectron2"
     raw: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -60,6 +61,10 @@ def parse_metadata(raw: Mapping[str, str], source: str) -> ModelInfo:
         if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
             raise MaskrtError(f"{source}: metadata {key!r} must be a JSON list of three numbers (RGB)")
     category_ids = _json_value(raw, "category_ids", source) if "category_ids" in raw else []
+    # Graphs exported before the key existed were all pasted by torchvision's rule.
+    paste_rule = str(raw.get("paste_rule", "torchvision"))
+    if paste_rule not in ("torchvision", "detectron2"):
+        raise MaskrtError(f"{source}: metadata 'paste_rule' must be 'torchvision' or 'detectron2', got {paste_rule!r}")
     return ModelInfo(
         class_names=tuple(class_names),
         input_size=(int(input_size[0]), int(input_size[1])),
@@ -68,5 +73,6 @@ def parse_metadata(raw: Mapping[str, str], source: str) -> ModelInfo:
         category_ids=tuple(int(c) for c in category_ids) if isinstance(category_ids, list) else (),
         precision=str(raw.get("precision", "fp32")),
         target=str(raw.get("target", "onnx")),
+        paste_rule=paste_rule,
         raw=dict(raw),
     )

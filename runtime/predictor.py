@@ -168,7 +168,8 @@ class Predictor:
             scores = np.asarray(outputs["scores"][i, :count], dtype=np.float32)
             keep = np.flatnonzero(scores >= threshold)
             boxes = undo_letterbox_boxes(np.asarray(outputs["boxes"][i, keep]), placed)
-            crops = paste_mask_crops(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size)
+            crops = paste_mask_crops(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size,
+                                     rule=self.info.paste_rule)
             results.append(Detections(
                 boxes=boxes,
                 scores=scores[keep],
