@@ -158,14 +158,16 @@ def test_frozen_batchnorm_folded_into_the_conv_equals_conv_then_bn(monkeypatch):
         results.append((out.detach(), block.conv2.weight.grad.clone(), block.downsample[0].weight.grad.clone()))
     for folded, unfolded in zip(*results):
         torch.testing.assert_close(folded, unfolded, rtol=1e-12, atol=1e-12)
-    # The unfolded path really runs the BN modules (and the folded one does not).
+    # The folded path skips the BN modules, unless a hook watches them (then it runs them).
+    monkeypatch.setattr(backbone, "FOLD_FROZEN_BN", True)
+    runs = []
+    monkeypatch.setattr(FrozenBatchNorm2d, "forward", lambda self, t, original=FrozenBatchNorm2d.forward: runs.append(1) or original(self, t))
+    block(x)
+    assert runs == []
     calls = []
     block.bn1.register_forward_hook(lambda *args: calls.append(1))
-    block(x)
-    assert calls == [1]
-    monkeypatch.setattr(backbone, "FOLD_FROZEN_BN", True)
-    block(x)
-    assert calls == [1]
+    torch.testing.assert_close(block(x), results[0][0], rtol=1e-12, atol=1e-12)
+    assert calls == [1] and len(runs) == 1
 
 
 def test_stride_in_1x1_moves_the_stride_and_keeps_shapes():
