@@ -518,3 +518,18 @@ def test_native_forward_rejects_bad_arguments():
         native_cpu.roi_align_forward([feat], [1.0], torch.tensor([[1.0, 0, 0, 4, 4]]), None, (2, 2), 2, False, "avg")
     with pytest.raises(MaskrtError, match="float32"):
         native_cpu.roi_align_forward([feat.double()], [1.0], torch.tensor([[0.0, 0, 0, 4, 4]]), None, (2, 2), 2, False, "avg")
+
+
+def test_native_forward_caps_adaptive_grids_as_the_contract(monkeypatch):
+    """A RoI spanning 300 cells pooled to 2x2 asks for 150 adaptive samples per side; the contract
+    caps that at ADAPTIVE_GRID_MAX (64) in every implementation, the native kernel included."""
+    _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    torch.manual_seed(2)
+    feat = torch.randn(1, 3, 300, 300)
+    rois = torch.tensor([[0, 0.0, 0.0, 299.0, 299.0], [0, 10.0, 20.0, 290.0, 150.0]])
+    native = roi_align(feat, rois, 2, 1.0, 0)
+    monkeypatch.setattr(module, "_NATIVE_CPU", False)
+    torch.testing.assert_close(native, roi_align(feat, rois, 2, 1.0, 0), rtol=1e-5, atol=1e-5)
+    capped = roi_align_ref(feat.double().numpy(), rois.double().numpy(), 2, 2, 1.0, 64, False)  # 64 x 64 samples
+    np.testing.assert_allclose(native.double().numpy(), capped, rtol=2e-5, atol=2e-5)

@@ -100,12 +100,17 @@ AxisSample axis_sample(float coordinate, int64_t size) {
   return s;
 }
 
-// Samples per bin side: fixed, or adaptive ceil(roi_size / bins) (0 for an empty or inverted RoI).
+// The MultilevelRoIAlign contract's cap on adaptive samples per bin side (plugins/README.md;
+// ADAPTIVE_GRID_MAX in roi_align.py, the same in every implementation).
+constexpr int64_t kAdaptiveGridMax = 64;
+
+// Samples per bin side: fixed, or adaptive ceil(roi_size / bins) up to the cap (0 for an empty
+// or inverted RoI).
 int64_t grid_size(int32_t sampling_ratio, float roi_size, int32_t bins) {
   if (sampling_ratio > 0) return sampling_ratio;
   const float adaptive = std::ceil(roi_size / static_cast<float>(bins));
   if (!(adaptive >= 0.0f)) return 0;
-  return static_cast<int64_t>(adaptive);
+  return std::min(static_cast<int64_t>(std::min(adaptive, 1.0e6f)), kAdaptiveGridMax);
 }
 
 // Fills scratch with the RoI's sample plan; returns the samples per bin (grid_h * grid_w), or -1
