@@ -15,6 +15,11 @@ grid size first, so a chunk's padded grid (largest grid in the chunk, extra samp
 out) wastes little. Gradients are explicit (``roi_align_backward``, RoIPool's arg-max):
 the backward rebuilds the same sample plans and ``index_add``s into one buffer, where
 autograd through every chunk's gather would allocate a map-sized buffer per chunk.
+
+float32 CPU forwards (``roi_align``, and ``multilevel_roi_align_eager`` in one call for all
+levels) run the native kernel of ``native_cpu.py`` (``native/roi_align_cpu.cpp``) where it
+builds; the vectorised PyTorch forward above is the fallback and computes the same numbers
+(to float32 rounding). docs/performance.md has the measurements.
 """
 from __future__ import annotations
 
@@ -755,7 +760,6 @@ def multilevel_roi_align_eager(
     tracked = torch.is_grad_enabled() and any(f.requires_grad for f in features)
     if mode in ("avg", "max") and not tracked and _native_applies(compute, features):
         # One native call pools every RoI at its level straight into the output.
-        _check_batch_index(flat, b)
         maps = [_native_layout(f) for f in features]
         pooled = native_cpu.roi_align_forward(maps, spatial_scales, flat.detach().to(compute), levels, size,
                                               sampling_ratio, aligned, mode)
