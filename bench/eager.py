@@ -1,7 +1,7 @@
 """Eager CPU inference speed of the model, `model([image])`, with each speed lever on and off,
 measured side by side in one run (the variants interleaved round by round).
 
-    .venv/bin/python bench/eager.py [--preset r50_fpn] [--size 512] [--rounds 3] [--threads 2]
+    .venv/bin/python bench/eager.py [--preset r50_fpn] [--size 512] [--rounds 3] [--threads 2] [--clock wall|cpu]
 
 Variants:
 - before: frozen BN as a separate scale-and-shift after each conv, RoIAlign forward on the
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (min and median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--classes", type=int, default=91, help="classes incl. background")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed seconds; cpu: this process's CPU seconds (all threads), less "
+                             "sensitive to other jobs on a shared machine (use with --threads 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,7 +69,8 @@ def main() -> None:
         "both+channels_last": (channels_last_model, channels_last_image, True, True),
     }
     print(f"torch {torch.__version__}, threads {args.threads}, preset {args.preset}, {args.size} px, "
-          f"{args.rounds} interleaved rounds, native RoIAlign {'available' if native_cpu.enabled() else 'UNAVAILABLE'}")
+          f"{args.rounds} interleaved rounds, {args.clock} clock, native RoIAlign {'available' if native_cpu.enabled() else 'UNAVAILABLE'}")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in variants}
     reference = None
     with torch.no_grad():
@@ -81,9 +85,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (net, img, fold_bn, native) in variants.items():
                 with _levers(fold_bn, native):
-                    start = time.perf_counter()
+                    start = clock()
                     net([img])
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
     before = statistics.median(times["before"])
     for name, values in times.items():
         median = statistics.median(values)
