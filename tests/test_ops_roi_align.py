@@ -533,3 +533,27 @@ def test_native_forward_caps_adaptive_grids_as_the_contract(monkeypatch):
     torch.testing.assert_close(native, roi_align(feat, rois, 2, 1.0, 0), rtol=1e-5, atol=1e-5)
     capped = roi_align_ref(feat.double().numpy(), rois.double().numpy(), 2, 2, 1.0, 64, False)  # 64 x 64 samples
     np.testing.assert_allclose(native.double().numpy(), capped, rtol=2e-5, atol=2e-5)
+
+
+def test_without_a_compiler_roi_align_falls_back_to_pytorch(monkeypatch, recwarn):
+    """No C++ compiler: the native library is not built, no warning is raised, and roi_align /
+    multilevel_roi_align give the reference numbers on the PyTorch path."""
+    from maskrt.model.ops import native_cpu
+
+    def no_compiler() -> str:
+        raise MaskrtError("no C++ compiler found (tried $CXX, g++, c++, clang++)")
+
+    monkeypatch.setattr(native_cpu, "_library", None)
+    monkeypatch.setattr(native_cpu, "_unavailable", False)
+    monkeypatch.setattr(native_cpu, "find_compiler", no_compiler)
+    monkeypatch.setattr(native_cpu, "roi_align_forward", lambda *args: pytest.fail("the native path ran"))
+    assert not native_cpu.enabled()
+    rng = np.random.default_rng(8)
+    feat = rng.standard_normal((1, 2, 9, 11)).astype(np.float32)
+    rois = _random_rois(rng, 6, batch=1, extent=22.0)
+    out = roi_align(torch.tensor(feat), torch.tensor(rois, dtype=torch.float32), (3, 4), 0.5, 2)
+    np.testing.assert_allclose(out.double().numpy(), roi_align_ref(feat, rois, 3, 4, 0.5, 2, False), rtol=2e-5, atol=2e-5)
+    features = _fpn_features(1, 2, 128, 128, dtype=torch.float32)
+    assert multilevel_roi_align(_mixed_size_rois(1, 4, seed=9).float(), features, [0.25, 0.125, 0.0625, 0.03125],
+                                3, 3, 2, False).shape == (1, 4, 2, 3, 3)
+    assert not [w for w in recwarn if "native" in str(w.message)]
