@@ -1,14 +1,19 @@
-"""RoIAlign speed: maskrt's pure-PyTorch roi_align (forward, forward+backward) next to ONNX
-Runtime's RoiAlign (forward) on the same FPN-sized inputs, measured side by side in one run.
+"""RoIAlign speed: maskrt's roi_align (native CPU forward, pure-PyTorch fallback forward, and
+forward+backward with either forward; the backward is PyTorch's in both) next to ONNX Runtime's
+RoiAlign (forward; C++, the stand-in for torchvision's kernel, which does not load here) on the
+same FPN-sized inputs, measured side by side in one run.
 
-    .venv/bin/python bench/ops.py [--threads 1] [--repeat 3]
+    .venv/bin/python bench/ops.py [--threads 1] [--repeat 5] [--image 800x1344]
 
-Cases (Mask R-CNN at 800x1344, 256 channels):
-- box head: 1000 RoIs, 7x7, sampling 2, on P2 (200x336, scale 1/4);
+Cases (Mask R-CNN, 256 channels; --image 512x512 gives the FPN pooler case of a 512 px image):
+- box head: 1000 RoIs, 7x7, sampling 2, on P2 (scale 1/4);
 - mask head: 100 RoIs, 14x14, sampling 2, on P2;
-- multilevel: 1000 RoIs spread over P2..P5, 7x7 (ours: multilevel_roi_align; ORT: one RoiAlign
-  node per level, RoIs split by level beforehand, the split not timed).
-Both libraries get the same number of threads. Prints median times and the ratio ours/ORT.
+- multilevel: 1000 RoIs of log-uniform sizes spread over P2..P5, 7x7 (ours:
+  multilevel_roi_align; ORT: one RoiAlign node per level, RoIs split by level beforehand, the
+  split not timed).
+Both libraries get the same number of threads. The timed calls are interleaved (one of each per
+round) so that load from other processes falls on all alike; prints min / median of the rounds
+and the ratios of medians.
 """
 from __future__ import annotations
 
@@ -16,25 +21,42 @@ import argparse
 import statistics
 import time
 
+import contextlib
+import importlib
+
 import numpy as np
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from maskrt.model.ops import fpn_level, multilevel_roi_align, roi_align
+from maskrt.model.ops import fpn_level, multilevel_roi_align, native_cpu, roi_align
 
 SCALES = [0.25, 0.125, 0.0625, 0.03125]
 IMAGE_HW = (800, 1344)
+_roi_align_module = importlib.import_module("maskrt.model.ops.roi_align")
 
 
-def _timed(fn, repeat: int) -> float:
-    fn()  # warm-up: allocations, ORT's first run
-    times = []
+@contextlib.contextmanager
+def _pure_pytorch():
+    """The fallback forward (no native kernel) inside the block."""
+    _roi_align_module._NATIVE_CPU = False
+    try:
+        yield
+    finally:
+        _roi_align_module._NATIVE_CPU = True
+
+
+def _timed(fns: dict, repeat: int) -> dict:
+    """{name: fn} -> {name: (min, median) seconds}, one call of each per round."""
+    for fn in fns.values():
+        fn()  # warm-up: allocations, ORT's first run, the native library's build
+    times: dict = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def _ort_session(levels: int, out_size: int, sampling: int, threads: int) -> ort.InferenceSession:
@@ -85,15 +107,24 @@ def bench_single_level(name: str, count: int, out_size: int, features: list[np.n
         with torch.no_grad():
             roi_align(feature, rois5, out_size, SCALES[0], 2)
 
+    def forward_pytorch() -> None:
+        with _pure_pytorch():
+            forward()
+
     def forward_backward() -> None:
         leaf.grad = None
         roi_align(leaf, rois5, out_size, SCALES[0], 2).backward(grad)
 
-    _report(name, _timed(forward, repeat), _timed(forward_backward, repeat), _timed(lambda: session.run(None, feeds), repeat))
+    def forward_backward_pytorch() -> None:
+        with _pure_pytorch():
+            forward_backward()
+
+    _report(name, _timed({"fwd": forward, "fwd_pytorch": forward_pytorch, "fwd_bwd": forward_backward,
+                          "fwd_bwd_pytorch": forward_backward_pytorch, "ort": lambda: session.run(None, feeds)}, repeat))
 
 
 def bench_multilevel(count: int, features: list[np.ndarray], rng: np.random.Generator, threads: int, repeat: int) -> None:
-    rois = _random_rois(rng, count, 16, 700)
+    rois = _random_rois(rng, count, 16, min(700, *IMAGE_HW))
     torch_features = [torch.from_numpy(f) for f in features]
     torch_rois = torch.from_numpy(rois)[None]
     levels = (fpn_level(torch.from_numpy(rois), 2, 5) - 2).numpy()
@@ -110,29 +141,49 @@ def bench_multilevel(count: int, features: list[np.ndarray], rng: np.random.Gene
         with torch.no_grad():
             multilevel_roi_align(torch_rois, torch_features, SCALES, 7, 7, 2, False)
 
+    def forward_pytorch() -> None:
+        with _pure_pytorch():
+            forward()
+
     def forward_backward() -> None:
         for leaf in leaves:
             leaf.grad = None
         multilevel_roi_align(torch_rois, leaves, SCALES, 7, 7, 2, False).backward(grad)
 
-    _report("multilevel 1000x256x7x7 P2-P5", _timed(forward, repeat), _timed(forward_backward, repeat), _timed(lambda: session.run(None, feeds), repeat))
+    def forward_backward_pytorch() -> None:
+        with _pure_pytorch():
+            forward_backward()
+
+    _report(f"multilevel {count}x{features[0].shape[1]}x7x7 P2-P5",
+            _timed({"fwd": forward, "fwd_pytorch": forward_pytorch, "fwd_bwd": forward_backward,
+                    "fwd_bwd_pytorch": forward_backward_pytorch, "ort": lambda: session.run(None, feeds)}, repeat))
 
 
-def _report(name: str, forward: float, forward_backward: float, ort_forward: float) -> None:
-    print(f"{name:32s} ours fwd {forward * 1e3:8.1f} ms | ours fwd+bwd {forward_backward * 1e3:8.1f} ms | "
-          f"ORT fwd {ort_forward * 1e3:8.1f} ms | fwd ratio ours/ORT {forward / ort_forward:5.2f}")
+def _report(name: str, times: dict) -> None:
+    def ms(key: str) -> str:
+        return f"{times[key][0] * 1e3:7.1f}/{times[key][1] * 1e3:7.1f}"
+
+    ort_median = times["ort"][1]
+    print(f"{name:30s} min/median ms: native fwd {ms('fwd')} | PyTorch fwd {ms('fwd_pytorch')} | ORT fwd {ms('ort')} | "
+          f"fwd+bwd native {ms('fwd_bwd')} | fwd+bwd PyTorch {ms('fwd_bwd_pytorch')} || fwd / ORT fwd: native "
+          f"{times['fwd'][1] / ort_median:4.2f}, PyTorch {times['fwd_pytorch'][1] / ort_median:4.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="threads for both torch and ONNX Runtime")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (min and median reported)")
+    parser.add_argument("--channels", type=int, default=256, help="feature channels")
+    parser.add_argument("--image", default="800x1344", help="padded image HxW the FPN maps are sized from")
     args = parser.parse_args()
+    global IMAGE_HW
+    IMAGE_HW = tuple(int(v) for v in args.image.split("x"))
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     features = _features(args.channels, rng)
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {args.threads}, median of {args.repeat}")
+    native = "native CPU forward on" if native_cpu.enabled() else "native CPU forward UNAVAILABLE (PyTorch fallback)"
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {args.threads}, image {args.image}, "
+          f"{args.repeat} interleaved rounds, {native}")
     bench_single_level(f"box  1000x{args.channels}x7x7 P2", 1000, 7, features, rng, args.threads, args.repeat)
     bench_single_level(f"mask  100x{args.channels}x14x14 P2", 100, 14, features, rng, args.threads, args.repeat)
     bench_multilevel(1000, features, rng, args.threads, args.repeat)

@@ -136,6 +136,40 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval_and_drops_counter():
     assert len(list(frozen.parameters())) == 0
 
 
+def test_frozen_batchnorm_folded_into_the_conv_equals_conv_then_bn(monkeypatch):
+    """The backbone folds each frozen BN into its conv (one pass over the activations): the
+    block's output and the trainable conv's gradient equal conv -> BN, in float64."""
+    from maskrt.model import backbone
+
+    torch.manual_seed(0)
+    block = Bottleneck(16, 8, 2, "frozen_bn").double()
+    for module in block.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            for name in ("weight", "bias", "running_mean"):
+                getattr(module, name).normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    results = []
+    for fold in (True, False):
+        monkeypatch.setattr(backbone, "FOLD_FROZEN_BN", fold)
+        block.zero_grad()
+        out = block(x)
+        out.square().sum().backward()
+        results.append((out.detach(), block.conv2.weight.grad.clone(), block.downsample[0].weight.grad.clone()))
+    for folded, unfolded in zip(*results):
+        torch.testing.assert_close(folded, unfolded, rtol=1e-12, atol=1e-12)
+    # The folded path skips the BN modules, unless a hook watches them (then it runs them).
+    monkeypatch.setattr(backbone, "FOLD_FROZEN_BN", True)
+    runs = []
+    monkeypatch.setattr(FrozenBatchNorm2d, "forward", lambda self, t, original=FrozenBatchNorm2d.forward: runs.append(1) or original(self, t))
+    block(x)
+    assert runs == []
+    calls = []
+    block.bn1.register_forward_hook(lambda *args: calls.append(1))
+    torch.testing.assert_close(block(x), results[0][0], rtol=1e-12, atol=1e-12)
+    assert calls == [1] and len(runs) == 1
+
+
 def test_stride_in_1x1_moves_the_stride_and_keeps_shapes():
     torch_v15 = Bottleneck(64, 64, 2, "frozen_bn", stride_in_1x1=False)
     msra = Bottleneck(64, 64, 2, "frozen_bn", stride_in_1x1=True)

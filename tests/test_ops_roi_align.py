@@ -98,6 +98,21 @@ def _random_rois(rng: np.random.Generator, count: int, batch: int, extent: float
 
 
 # ---------------------------------------------------------------- RoIAlign
+@pytest.fixture(params=["native", "pytorch"])
+def forward_path(request, monkeypatch):
+    """Runs a test twice: float32 CPU forwards on the native kernel, then on the pure-PyTorch
+    fallback. Both must meet the same references."""
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    if request.param == "native":
+        from maskrt.model.ops import native_cpu
+
+        if not native_cpu.enabled():
+            pytest.skip("no C++ compiler: the native RoIAlign forward is not built")
+    monkeypatch.setattr(module, "_NATIVE_CPU", request.param == "native")
+    return request.param
+
+
+@pytest.mark.usefixtures("forward_path")
 def test_seed_worked_example():
     feature = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4)
     rois = torch.tensor([[0.0, 1.2, 0.8, 2.8, 2.2]])
@@ -109,6 +124,7 @@ def test_seed_worked_example():
     torch.testing.assert_close(out_list, out)
 
 
+@pytest.mark.usefixtures("forward_path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling", [0, 2, 3])
@@ -127,6 +143,7 @@ def test_roi_align_matches_numpy_reference(dtype, aligned, sampling, mode):
     assert np.abs(expected[3]).sum() > 0
 
 
+@pytest.mark.usefixtures("forward_path")
 def test_roi_align_float16_accumulates_in_float32():
     rng = np.random.default_rng(3)
     feat = rng.standard_normal((1, 4, 8, 8)).astype(np.float16)
@@ -211,6 +228,7 @@ def _ort_roi_align(feat: np.ndarray, rois: np.ndarray, out_h: int, out_w: int, s
                               "batch_indices": rois[:, 0].astype(np.int64)})[0]
 
 
+@pytest.mark.usefixtures("forward_path")
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling", [0, 2])
 def test_roi_align_matches_onnxruntime(aligned, sampling):
@@ -223,6 +241,7 @@ def test_roi_align_matches_onnxruntime(aligned, sampling):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("forward_path")
 @pytest.mark.parametrize("mode", ["avg", "max"])
 def test_roi_align_empty_and_chunked(monkeypatch, mode):
     torch.manual_seed(0)
@@ -245,6 +264,7 @@ def test_roi_align_empty_and_chunked(monkeypatch, mode):
     np.testing.assert_allclose(chunked.double().numpy(), expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.usefixtures("forward_path")
 def test_roi_align_bad_input_is_one_line_error():
     with pytest.raises(MaskrtError, match="Tensor\\[K,5\\]"):
         roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 4), 2)
@@ -330,6 +350,7 @@ def test_multilevel_roi_align_equals_per_level_picks(mode):
     assert levels_used == {2, 3, 4, 5}
 
 
+@pytest.mark.usefixtures("forward_path")
 def test_multilevel_roi_align_float32_matches_numpy_reference():
     features = _fpn_features(1, 2, 128, 128, dtype=torch.float32)
     rois = _mixed_size_rois(1, 6, seed=9).float()
@@ -400,6 +421,7 @@ def test_multilevel_roi_pool_uses_the_level_rule():
         np.testing.assert_allclose(out[0, r].numpy(), expected[0], rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("forward_path")
 def test_roi_align_is_unchanged_under_bf16_autocast():
     # The trainer's bf16 mode runs the model under CPU autocast; the mask targets are RoIAligned
     # ground-truth masks. Small RoIs at 28x28 take the window form, whose bmm autocast would
@@ -416,3 +438,122 @@ def test_roi_align_is_unchanged_under_bf16_autocast():
         (out * weights).sum().backward()
     assert out.dtype == torch.float32
     assert torch.equal(out, expected) and torch.equal(masks.grad, expected_grad)
+
+
+# ---------------------------------------------------------------- the native CPU forward
+def _native():
+    from maskrt.model.ops import native_cpu
+    from maskrt.plugins.cpu import find_compiler
+
+    try:
+        find_compiler()
+    except MaskrtError:
+        pytest.skip("no C++ compiler: the native RoIAlign forward is not built")
+    return native_cpu
+
+
+def test_native_forward_is_built_and_used(monkeypatch):
+    """With a compiler present, float32 CPU roi_align and multilevel_roi_align run the native
+    kernel (one call for all levels); float64 and autograd-tracked multilevel calls do not."""
+    native_cpu = _native()
+    assert native_cpu.enabled()
+    calls = []
+    original = native_cpu.roi_align_forward
+
+    def counting(features, *args):
+        calls.append(len(features))
+        return original(features, *args)
+
+    monkeypatch.setattr(native_cpu, "roi_align_forward", counting)
+    feat = torch.randn(1, 2, 8, 8)
+    roi_align(feat, torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2, 1.0, 2)
+    roi_align(feat.double(), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]], dtype=torch.float64), 2, 1.0, 2)
+    features = _fpn_features(1, 2, 128, 128, dtype=torch.float32)
+    multilevel_roi_align(_mixed_size_rois(1, 6, seed=9).float(), features, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False)
+    assert calls == [1, 4]
+    monkeypatch.setenv("MASKRT_NATIVE_CPU", "0")
+    roi_align(feat, torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2, 1.0, 2)
+    assert calls == [1, 4]
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("aligned,sampling", [(False, 2), (True, 0), (True, 3)])
+def test_native_forward_equals_pytorch_path(monkeypatch, mode, aligned, sampling):
+    """The native forward (channels-last and strided NCHW reads, 1 and 3 threads) and the
+    PyTorch fallback give the same numbers on FPN-shaped input, degenerate RoIs included; the
+    thread count does not change a bit."""
+    native_cpu = _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    features = _fpn_features(2, 5, 256, 320, dtype=torch.float32)
+    rois = _mixed_size_rois(2, 24, seed=3).float()
+    rois[0, 0] = torch.tensor([3.0, 3.0, 3.0, 3.0])                 # zero-size
+    rois[0, 1] = torch.tensor([50.0, 40.0, 20.0, 10.0])             # inverted
+    rois[1, 0] = torch.tensor([-900.0, -900.0, -800.0, -700.0])     # outside the map
+    rois[1, 1] = torch.tensor([float("nan"), 2.0, 40.0, 40.0])      # NaN: zeros
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    native = multilevel_roi_align(rois, features, scales, 5, 4, sampling, aligned, 224.0, 4, mode)
+    monkeypatch.setattr(module, "_NATIVE_CPU", False)
+    fallback = multilevel_roi_align(rois, features, scales, 5, 4, sampling, aligned, 224.0, 4, mode)
+    torch.testing.assert_close(native, fallback, rtol=1e-5, atol=1e-5)
+    assert native[1, 1].abs().sum() == 0 and native.abs().sum() > 0
+
+    flat = module._batched_rois(rois)
+    levels = fpn_level(flat[:, 1:], 2, 5) - 2
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        for layout in (torch.channels_last, torch.contiguous_format):
+            maps = [f.contiguous(memory_format=layout) for f in features]
+            results.append(native_cpu.roi_align_forward(maps, scales, flat, levels, (5, 4), sampling, aligned, mode))
+    assert torch.equal(results[0], results[2])  # channels-last, 1 vs 3 threads: bit for bit
+    assert torch.equal(results[1], results[3])  # strided NCHW, 1 vs 3 threads
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0].view_as(native), native, rtol=0, atol=0)
+
+
+def test_native_forward_rejects_bad_arguments():
+    native_cpu = _native()
+    feat = torch.randn(1, 2, 8, 8)
+    with pytest.raises(MaskrtError, match="bad arguments"):  # batch index 1 of a batch of 1
+        native_cpu.roi_align_forward([feat], [1.0], torch.tensor([[1.0, 0, 0, 4, 4]]), None, (2, 2), 2, False, "avg")
+    with pytest.raises(MaskrtError, match="float32"):
+        native_cpu.roi_align_forward([feat.double()], [1.0], torch.tensor([[0.0, 0, 0, 4, 4]]), None, (2, 2), 2, False, "avg")
+
+
+def test_native_forward_caps_adaptive_grids_as_the_contract(monkeypatch):
+    """A RoI spanning 300 cells pooled to 2x2 asks for 150 adaptive samples per side; the contract
+    caps that at ADAPTIVE_GRID_MAX (64) in every implementation, the native kernel included."""
+    _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    torch.manual_seed(2)
+    feat = torch.randn(1, 3, 300, 300)
+    rois = torch.tensor([[0, 0.0, 0.0, 299.0, 299.0], [0, 10.0, 20.0, 290.0, 150.0]])
+    native = roi_align(feat, rois, 2, 1.0, 0)
+    monkeypatch.setattr(module, "_NATIVE_CPU", False)
+    torch.testing.assert_close(native, roi_align(feat, rois, 2, 1.0, 0), rtol=1e-5, atol=1e-5)
+    capped = roi_align_ref(feat.double().numpy(), rois.double().numpy(), 2, 2, 1.0, 64, False)  # 64 x 64 samples
+    np.testing.assert_allclose(native.double().numpy(), capped, rtol=2e-5, atol=2e-5)
+
+
+def test_without_a_compiler_roi_align_falls_back_to_pytorch(monkeypatch, recwarn):
+    """No C++ compiler: the native library is not built, no warning is raised, and roi_align /
+    multilevel_roi_align give the reference numbers on the PyTorch path."""
+    from maskrt.model.ops import native_cpu
+
+    def no_compiler() -> str:
+        raise MaskrtError("no C++ compiler found (tried $CXX, g++, c++, clang++)")
+
+    monkeypatch.setattr(native_cpu, "_library", None)
+    monkeypatch.setattr(native_cpu, "_unavailable", False)
+    monkeypatch.setattr(native_cpu, "find_compiler", no_compiler)
+    monkeypatch.setattr(native_cpu, "roi_align_forward", lambda *args: pytest.fail("the native path ran"))
+    assert not native_cpu.enabled()
+    rng = np.random.default_rng(8)
+    feat = rng.standard_normal((1, 2, 9, 11)).astype(np.float32)
+    rois = _random_rois(rng, 6, batch=1, extent=22.0)
+    out = roi_align(torch.tensor(feat), torch.tensor(rois, dtype=torch.float32), (3, 4), 0.5, 2)
+    np.testing.assert_allclose(out.double().numpy(), roi_align_ref(feat, rois, 3, 4, 0.5, 2, False), rtol=2e-5, atol=2e-5)
+    features = _fpn_features(1, 2, 128, 128, dtype=torch.float32)
+    assert multilevel_roi_align(_mixed_size_rois(1, 4, seed=9).float(), features, [0.25, 0.125, 0.0625, 0.03125],
+                                3, 3, 2, False).shape == (1, 4, 2, 3, 3)
+    assert not [w for w in recwarn if "native" in str(w.message)]

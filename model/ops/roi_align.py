@@ -15,6 +15,11 @@ grid size first, so a chunk's padded grid (largest grid in the chunk, extra samp
 out) wastes little. Gradients are explicit (``roi_align_backward``, RoIPool's arg-max):
 the backward rebuilds the same sample plans and ``index_add``s into one buffer, where
 autograd through every chunk's gather would allocate a map-sized buffer per chunk.
+
+float32 CPU forwards (``roi_align``, and ``multilevel_roi_align_eager`` in one call for all
+levels) run the native kernel of ``native_cpu.py`` (``native/roi_align_cpu.cpp``) where it
+builds; the vectorised PyTorch forward above is the fallback and computes the same numbers
+(to float32 rounding). docs/performance.md has the measurements.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from maskrt.errors import MaskrtError
+from maskrt.model.ops import native_cpu
 
 # Max number of gathered feature values (K_chunk * bins * taps * C) held at once: 1M floats
 # = 4 MiB per chunk, whatever the number of RoIs. The gather is memory-bound; chunks that
@@ -39,6 +45,10 @@ ADAPTIVE_GRID_MAX = 64
 # avg RoIs whose window of cells is well below their tap count use the window form
 # (tests switch it off to check both forms against the same references).
 _WINDOW_FORM = True
+
+# float32 CPU forwards run the native kernel (native_cpu.py) where it loads; tests switch it off
+# to hold the pure-PyTorch path, the fallback, to the same references.
+_NATIVE_CPU = True
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
@@ -343,12 +353,27 @@ def _check_batch_index(rois: Tensor, batch: int) -> None:
         raise MaskrtError(f"RoI batch indices must lie in [0, {batch - 1}] (the input has {batch} images)")
 
 
+def _native_applies(compute: torch.dtype, features: Sequence[Tensor]) -> bool:
+    """The native kernel runs float32 work on the CPU (float64 stays on the PyTorch path)."""
+    return (_NATIVE_CPU and compute == torch.float32 and all(f.device.type == "cpu" for f in features)
+            and native_cpu.enabled())
+
+
+def _native_layout(feature: Tensor) -> Tensor:
+    """float32, channels-last: the kernel reads each cell's C-vector with vector loads; one copy of
+    an NCHW map costs less than the strided reads of RoIAlign's taps."""
+    return feature.to(torch.float32).contiguous(memory_format=torch.channels_last)
+
+
 def _roi_align_forward(input: Tensor, rois: Tensor, pooled: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
     """input [N,C,H,W], rois [K,5] (compute dtype) -> [K,C,ph,pw] in input's dtype."""
     n, channels, height, width = input.shape
     ph, pw = pooled
     if rois.shape[0] == 0 or channels == 0:
         return input.new_zeros((rois.shape[0], channels, ph, pw))
+    if _native_applies(rois.dtype, [input]):
+        features = [_native_layout(input)]
+        return native_cpu.roi_align_forward(features, [spatial_scale], rois, None, pooled, sampling_ratio, aligned, mode).to(input.dtype)
     rows = _channels_last_rows(input, rois.dtype)
     results, visited = [], []
     for positions, plan in _sample_plans(height, width, channels, rois, pooled, spatial_scale, sampling_ratio, aligned, mode):
@@ -621,13 +646,18 @@ def _multilevel_pool(
     channels = features[0].shape[1]
     compute = features[0].dtype
     result = features[0].new_zeros((rois.shape[0], channels) + output_size, dtype=compute)
+    # Without autograd each level's RoIs are copied into place; with it, index_put (not in-place
+    # on a leaf) routes each level's gradient back, at the cost of a copy of the whole result.
+    tracked = torch.is_grad_enabled() and any(f.requires_grad for f in features)
     for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
         idx = torch.where(levels == level)[0]
         if idx.numel() == 0:
             continue
         pooled = pool(feature, rois[idx], output_size, scale)
-        # index_put (not in-place on a leaf): autograd routes each level's gradient back.
-        result = result.index_put((idx,), pooled.to(compute))
+        if tracked:
+            result = result.index_put((idx,), pooled.to(compute))
+        else:
+            result.index_copy_(0, idx, pooled.to(compute))
     return result
 
 
@@ -707,11 +737,13 @@ def multilevel_roi_align_eager(
     canonical_level: int = 4,
     mode: str = "avg",
 ) -> Tensor:
-    """The MultilevelRoIAlign contract in pure PyTorch. rois [B,R,4] (image pixels),
+    """The MultilevelRoIAlign contract in eager PyTorch. rois [B,R,4] (image pixels),
     features: L maps [B,C,H_l,W_l] -> [B,R,C,output_height,output_width].
 
     RoI r of image b pools from image b's maps at level fpn_level(...) - k_min.
     Differentiable w.r.t. the features. (The graph op ``multilevel_roi_align`` wraps this.)
+    Without autograd, float32 CPU work runs the native kernel in one call for all levels
+    (``native_cpu.py``); otherwise, or where it is unavailable, one ``roi_align`` per level.
     """
     flat = _batched_rois(rois)
     _check_features(rois, features, spatial_scales)
@@ -724,6 +756,14 @@ def multilevel_roi_align_eager(
     def pool(feature: Tensor, level_rois: Tensor, out: tuple[int, int], scale: float) -> Tensor:
         return roi_align(feature, level_rois, out, scale, sampling_ratio, aligned, mode)
 
+    compute = _compute_dtype(features[0].dtype)
+    tracked = torch.is_grad_enabled() and any(f.requires_grad for f in features)
+    if mode in ("avg", "max") and not tracked and _native_applies(compute, features):
+        # One native call pools every RoI at its level straight into the output.
+        maps = [_native_layout(f) for f in features]
+        pooled = native_cpu.roi_align_forward(maps, spatial_scales, flat.detach().to(compute), levels, size,
+                                              sampling_ratio, aligned, mode)
+        return pooled.view(b, r, channels, *size).to(features[0].dtype)
     pooled = _multilevel_pool(flat, features, spatial_scales, levels, size, pool)
     return pooled.view(b, r, channels, *size).to(features[0].dtype)
 

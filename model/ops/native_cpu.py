@@ -1,0 +1,134 @@
+"""The native CPU forward of RoIAlign (``native/roi_align_cpu.cpp``), loaded through ctypes.
+
+``roi_align`` (``roi_align.py``) calls ``roi_align_forward`` here for float32 CPU work and keeps
+its pure-PyTorch forward as the fallback: where no C++ compiler is present, where the build
+fails, under ``torch.compile`` tracing, or with ``MASKRT_NATIVE_CPU=0``. Both compute the same
+numbers (to float32 rounding; tests hold both to one float64 reference).
+
+The library is compiled on first use with the system C++ compiler, like the CPU twin of the
+TensorRT plugin (``maskrt.plugins.cpu``, whose compiler and build-folder rules it shares), into
+``<build root>/roi-align-cpu-<hash>/``, the hash covering the source, the compiler and the flags:
+one build per source version, reused by every later process. No torch headers are involved,
+so the build takes seconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from maskrt.errors import MaskrtError
+from maskrt.plugins.cpu import build_root, find_compiler
+
+SOURCE = Path(__file__).resolve().parent / "native" / "roi_align_cpu.cpp"
+LIBRARY_NAME = "libmaskrt_roi_align_cpu.so"
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+ENV_SWITCH = "MASKRT_NATIVE_CPU"
+
+_MODE_CODES = {"avg": 0, "max": 1}
+_library: ctypes.CDLL | None = None
+_unavailable = False  # set once a build failed or no compiler exists: not retried per call
+
+
+def _build() -> Path:
+    compiler = find_compiler()
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(compiler.encode())
+    digest.update(" ".join(COMPILE_FLAGS).encode())
+    target_dir = build_root() / f"roi-align-cpu-{digest.hexdigest()[:16]}"
+    target = target_dir / LIBRARY_NAME
+    if target.is_file():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load half a file.
+    handle, temporary = tempfile.mkstemp(prefix=".libmaskrt_roi_align_cpu.", suffix=".so", dir=target_dir)
+    os.close(handle)
+    result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", temporary, str(SOURCE)], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(temporary)
+        first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+        raise MaskrtError(f"building {LIBRARY_NAME} with {compiler} failed: {first_error[:300]}")
+    os.replace(temporary, target)
+    return target
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The loaded library (built on first use), or None where it cannot be had (the fallback runs)."""
+    global _library, _unavailable
+    if _library is not None or _unavailable:
+        return _library
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (MaskrtError, OSError) as error:
+        _unavailable = True
+        if "no C++ compiler" not in str(error):
+            warnings.warn(f"maskrt: native CPU RoIAlign unavailable, using the PyTorch path: {error}", stacklevel=2)
+        return None
+    entry = library.maskrt_roi_align_forward_cpu
+    entry.restype = ctypes.c_int
+    entry.argtypes = [
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # levels: data, shapes, strides, scales
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,      # rois [K,5], roi levels [K] (or NULL), K
+        ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,        # pooled height, width, sampling_ratio
+        ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,        # aligned, mode, threads
+        ctypes.c_void_p,                                       # output [K,C,ph,pw]
+    ]
+    _library = library
+    return library
+
+
+def enabled() -> bool:
+    """Whether the native forward is used: not switched off by ``MASKRT_NATIVE_CPU=0``, not inside
+    a torch.compile trace, and the library loads."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
+        return False
+    return load_library() is not None
+
+
+def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float], rois: Tensor, levels: Tensor | None,
+                      pooled: tuple[int, int], sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
+    """RoIAlign forward of every RoI at its level, in one call.
+
+    features: 1 to 5 maps [N,C,H_l,W_l] float32 on the CPU, any strides (channels-last is the
+    fast layout); spatial_scales: one per map; rois [K,5] float32 (batch index, x1, y1, x2, y2);
+    levels [K] int (index into features; one outside them gives a zero output) or None (all at
+    map 0) -> [K,C,ph,pw] float32, contiguous.
+    """
+    library = load_library()
+    if library is None:
+        raise MaskrtError("the native CPU RoIAlign library is not available")
+    for feature in features:
+        if feature.dtype != torch.float32 or feature.device.type != "cpu" or feature.dim() != 4:
+            raise MaskrtError(f"native RoIAlign takes float32 CPU maps [N,C,H,W], got {feature.dtype} "
+                              f"{tuple(feature.shape)} on {feature.device}")
+    if rois.dtype != torch.float32 or rois.dim() != 2 or rois.shape[1] != 5:
+        raise MaskrtError(f"native RoIAlign takes float32 rois [K,5], got {rois.dtype} {tuple(rois.shape)}")
+    count = len(features)
+    rois = rois.contiguous()
+    if levels is not None:
+        # int32 for the kernel; a level outside the maps (fpn_level of a NaN box) becomes -1 first.
+        levels = torch.where((levels >= 0) & (levels < count), levels, -1).to(torch.int32).contiguous()
+    channels = features[0].shape[1]
+    output = torch.empty((rois.shape[0], channels, pooled[0], pooled[1]), dtype=torch.float32)
+    pointers = (ctypes.c_void_p * count)(*[f.data_ptr() for f in features])
+    shapes = (ctypes.c_int64 * (4 * count))(*[v for f in features for v in f.shape])
+    strides = (ctypes.c_int64 * (4 * count))(*[v for f in features for v in f.stride()])
+    scales = (ctypes.c_float * count)(*[float(s) for s in spatial_scales])
+    status = library.maskrt_roi_align_forward_cpu(
+        count, pointers, shapes, strides, scales, rois.data_ptr(), None if levels is None else levels.data_ptr(),
+        rois.shape[0], pooled[0], pooled[1], int(sampling_ratio), int(aligned), _MODE_CODES[mode],
+        torch.get_num_threads(), output.data_ptr())
+    if status == 2:
+        raise MaskrtError("native RoIAlign: out of memory")
+    if status != 0:
+        raise MaskrtError(f"native RoIAlign: bad arguments (maps {[tuple(f.shape) for f in features]}, "
+                          f"rois {tuple(rois.shape)}, output {pooled}, mode {mode!r})")
+    return output
