@@ -180,9 +180,15 @@ def build_harness(include: Path, out: Path) -> Path:
     command = [find_nvcc(), "-std=c++17", "-O2", "-DMASKRT_PLUGIN_CHECK_GPU", "-Xcompiler", "-Wall,-Wextra",
                "-isystem", str(include), "-I", str(CPU_TWIN_SOURCE.parent), str(HARNESS_SOURCE),
                str(CPU_TWIN_SOURCE), "-o", str(out), "-ldl"]
+    stamp = out.with_suffix(".command")
+    sources = (HARNESS_SOURCE, CPU_TWIN_SOURCE, CPU_TWIN_SOURCE.with_suffix(".h"))
+    if (out.is_file() and stamp.is_file() and stamp.read_text() == " ".join(command)
+            and all(source.stat().st_mtime < out.stat().st_mtime for source in sources)):
+        return out  # built from these sources with this command already
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"harness build failed: {result.stdout.strip()[-800:]}")
+    stamp.write_text(" ".join(command))
     return out
 
 
@@ -349,10 +355,17 @@ def check_sanitizer(built: dict, emit: Callable[[dict], None]) -> None:
         raise RuntimeError("the kernel library was not built")
     kernel_run = [sys.executable, str(BENCH / "gpu_kernel.py"), "--lib", built["kernel_library"],
                   "--suite", "small", "--device", "cuda-python"]
-    runs = [("memcheck", "kernel (small contract cases)", kernel_run),
-            ("racecheck", "kernel (small contract cases)", kernel_run)]
+    runs = []
+    if _has_cuda_python():  # the kernel from Python without torch (torch under the sanitizer takes minutes)
+        runs += [("memcheck", "kernel (small contract cases)", kernel_run),
+                 ("racecheck", "kernel (small contract cases)", kernel_run)]
+    else:
+        emit(figure("kernel under compute-sanitizer", None, "", "0 errors", None,
+                    detail="not run: cuda-python does not import"))
     if built.get("harness"):
         runs.append(("memcheck", "plugin harness (--small)", [built["harness"], built["plugin_library"], "--small"]))
+    if not runs:
+        raise NotRun("neither cuda-python nor the plugin harness is available to run under the sanitizer")
     refused = 0
     for tool_name, target, command in runs:
         try:
@@ -443,6 +456,36 @@ def match_detections(ours: dict, theirs: dict, box_tolerance: float, score_toler
             "max_score_error": worst_score}
 
 
+def torchvision_maskrcnn(torch, num_classes: int, frozen_bn: bool = True):
+    """torchvision's maskrcnn_resnet50_fpn (v1) with random weights, as its constructor builds it with
+    COCO weights: FrozenBatchNorm2d and 3 trainable stages (`weights=None` alone would give
+    trainable BatchNorm2d in every stage, not the model anyone fine-tunes or runs)."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.mask_rcnn import MaskRCNN
+    from torchvision.models.resnet import resnet50
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else torch.nn.BatchNorm2d)
+    return MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes)
+
+
+def random_torchvision_detector(torch, image):
+    """A random-weight torchvision Mask R-CNN whose activations and scores look like a trained one's:
+    batch-norm statistics taken from `image` (so activations stay normalised through 50 layers,
+    also in float16), then RPN and class logits spread (so that scores differ)."""
+    torch.manual_seed(0)
+    calibration = torchvision_maskrcnn(torch, 91, frozen_bn=False).cuda().eval()
+    for module in calibration.backbone.body.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0  # running statistics := this batch's
+    calibration.backbone.body.train()
+    with torch.no_grad():
+        calibration.backbone.body(calibration.transform([image])[0].tensors)
+    model = torchvision_maskrcnn(torch, 91, frozen_bn=True).cuda().eval()
+    model.load_state_dict(calibration.state_dict())  # FrozenBatchNorm2d drops num_batches_tracked itself
+    _calibrate_logits(torch, model, image)
+    return model
+
+
 def _calibrate_logits(torch, model, image) -> None:
     """Random weights give near-uniform class scores (all below 0.05): scale the RPN objectness and
     class-logit weights so that their logits have a spread of ~3 on this image, so that scores differ."""
@@ -485,18 +528,16 @@ def check_pytorch(built: dict, emit: Callable[[dict], None]) -> None:
     import numpy as np
     import torch
     try:
-        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        import torchvision.models.detection  # noqa: F401
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"torchvision does not import ({type(error).__name__})") from error
     from maskrt.model.convert import from_torchvision
 
-    torch.manual_seed(0)
-    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval().cuda()
     generator = torch.Generator().manual_seed(0)
     # A smooth random image (low-frequency noise upsampled): 800 x 1333, what both resize to.
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 25, 42, generator=generator), size=(800, 1333),
                                             mode="bilinear", align_corners=False)[0].clamp(0, 1).cuda()
-    _calibrate_logits(torch, theirs, image)
+    theirs = random_torchvision_detector(torch, image)
     ours = from_torchvision({k: v.detach().cpu() for k, v in theirs.state_dict().items()}).eval().cuda()
 
     def detections(model, autocast: bool) -> dict:
@@ -539,7 +580,7 @@ def synthetic_batch(torch, count: int, size: int, num_classes: int, seed: int, d
             w, h = rng.integers(size // 8, size // 2, 2)
             x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             label = int(rng.integers(1, num_classes))
-            image[:, y:y + h, x:x + w] = (np.arange(3) * 0.3 + label * 0.1) % 1.0 + 0.2
+            image[:, y:y + h, x:x + w] = ((np.arange(3) * 0.3 + label * 0.1) % 1.0 + 0.2)[:, None, None]
             mask = np.zeros((size, size), np.uint8)
             mask[y:y + h, x:x + w] = 1
             boxes.append([x, y, x + w, y + h])
@@ -584,10 +625,15 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters(optimizer), 10.0)  # as the trainer does
             scaler.step(optimizer)
             scaler.update()
             return float(loss.detach())
         return step
+
+    def parameters(optimizer):
+        return [p for group in optimizer.param_groups for p in group["params"]]
 
     def make_step(model):
         model.train().cuda()
@@ -614,7 +660,7 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
 
     # Step time: ours (r50_fpn, torchvision's settings) vs torchvision's train step, same batch, interleaved.
     try:
-        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        import torchvision.models.detection  # noqa: F401
     except Exception as error:  # noqa: BLE001
         emit(figure("train step ours / torchvision", None, "x", "<= 1", None,
                     detail=f"not run: torchvision does not import ({type(error).__name__})"))
@@ -622,7 +668,7 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
         from maskrt.model.convert import TORCHVISION_SETTINGS
         torch.manual_seed(0)
         ours = make_step(build_model("r50_fpn", num_classes, **TORCHVISION_SETTINGS))
-        theirs = make_step(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes))
+        theirs = make_step(torchvision_maskrcnn(torch, num_classes, frozen_bn=True))
         for run in (ours, theirs, ours, theirs):
             run()
         ours_ms, theirs_ms = [], []
@@ -644,6 +690,17 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
         emit(figure("maskrt train on CUDA (TrainConfig device option)", None, "", "runs", None,
                     detail="not run: the trainer reads its data through pycocotools, absent on the GPU machines"
                     if not _has_pycocotools() else _run_trainer(option, emit)))
+
+
+def _has_cuda_python() -> bool:
+    try:
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        try:
+            from cuda import cudart  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
 def _has_pycocotools() -> bool:
