@@ -348,7 +348,7 @@ class CudaPythonDevice:
 
     def _check(self, result):
         error, *values = result if isinstance(result, tuple) else (result,)
-        if int(error) != 0:
+        if int(getattr(error, "value", error)) != 0:  # cudaError_t: an enum in cuda-python
             raise RuntimeError(f"CUDA error {error}")
         return values[0] if len(values) == 1 else values
 
