@@ -193,6 +193,10 @@ def test_sanitizer_verdicts():
     passed, detail = gpu_check.sanitizer_verdict("========= Error: Device not supported\n", 1)
     assert passed is None and "Device not supported" in detail
     assert gpu_check.sanitizer_verdict("Traceback...\n", 1)[0] is None  # no summary: not a verdict
+    racecheck = "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    assert gpu_check.sanitizer_verdict(racecheck, 99) == (False, "2 errors, exit 99")
+    clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert gpu_check.sanitizer_verdict(clean, 0)[0] is True
 
 
 def test_harness_output_parser():
