@@ -611,39 +611,59 @@ def trainer_device_option() -> str | None:
     return "device" if "device" in names else None
 
 
+def trainer_step_api() -> tuple[Any, str | None]:
+    """(the maskrt.train.trainer module, None) when it has the device API (TrainConfig.device,
+    train_step, resolve_precision, make_grad_scaler; detected by inspection), else (None, why)."""
+    try:
+        from maskrt.train import trainer
+    except Exception as error:  # noqa: BLE001  (it reads COCO through pycocotools, absent on the GPU machines)
+        return None, f"maskrt.train.trainer does not import ({type(error).__name__}: {str(error)[:80]})"
+    has_device = "device" in {f.name for f in dataclasses.fields(trainer.TrainConfig)}
+    if not has_device or not all(hasattr(trainer, name) for name in ("train_step", "resolve_precision",
+                                                                        "make_grad_scaler")):
+        return None, "trainer has no device option"
+    return trainer, None
+
+
 def check_training(built: dict, emit: Callable[[dict], None]) -> None:
     import torch
     from maskrt.model.presets import build_model
 
     num_classes, steps = 5, 50
-    autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    device = torch.device("cuda")
     images, targets = synthetic_batch(torch, 2, 512, num_classes, seed=0, device="cuda")
+    trainer, why_not = trainer_step_api()
+    precision = trainer.resolve_precision("auto", device) if trainer else "auto"
+    if precision not in ("bf16", "fp16"):  # autocast is what this check is about
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if trainer is None:
+        emit(figure("steps through the trainer's train_step", None, "", "used", None,
+                    detail=f"not run: {why_not}; the same step written here instead"))
 
-    def step_fn(model, optimizer, scaler):
-        def step() -> float:
-            with torch.autocast("cuda", dtype=autocast_dtype):
+    def make_step(model, via_trainer: bool = True) -> Callable[[], float]:
+        model.train().to(device)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(parameters, lr=0.005, momentum=0.9)
+        if trainer is not None and via_trainer:
+            scaler = trainer.make_grad_scaler(precision, device)
+            return lambda: float(trainer.train_step(model, optimizer, images, targets, precision, scaler)["loss"])
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+        def step() -> float:  # what the trainer's train_step does (autocast, scaler, clipping at 10)
+            with torch.autocast("cuda", dtype=dtype):
                 losses = model(images, targets)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters(optimizer), 10.0)  # as the trainer does
+            torch.nn.utils.clip_grad_norm_(parameters, 10.0)
             scaler.step(optimizer)
             scaler.update()
             return float(loss.detach())
         return step
 
-    def parameters(optimizer):
-        return [p for group in optimizer.param_groups for p in group["params"]]
-
-    def make_step(model):
-        model.train().cuda()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
-        scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-        return step_fn(model, optimizer, scaler)
-
     # 50 steps of each preset on one fixed batch: finite, falling losses.
-    step_ms: dict[str, float] = {}
     for preset in ("r50_fpn", "edge"):
         torch.manual_seed(0)
         step = make_step(build_model(preset, num_classes))
@@ -654,10 +674,11 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
             losses.append(step())
             torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
-        step_ms[preset] = sorted(times[5:])[len(times[5:]) // 2]
-        emit(figure(f"{preset}: {steps} steps under {str(autocast_dtype).split('.')[-1]} autocast, losses finite "
-                    f"and falling", losses[-1], "loss", "finite, last 10 < first 10", losses_falling(losses),
-                    detail=f"first {losses[0]:.3f}, last {losses[-1]:.3f}, step {step_ms[preset]:.0f} ms"))
+        step_ms = sorted(times[5:])[len(times[5:]) // 2]
+        emit(figure(f"{preset}: {steps} steps under {precision} autocast, losses finite and falling", losses[-1],
+                    "loss", "finite, last 10 < first 10", losses_falling(losses),
+                    detail=f"first {losses[0]:.3f}, last {losses[-1]:.3f}, step {step_ms:.0f} ms"
+                           + (", trainer's train_step" if trainer else "")))
 
     # Step time: ours (r50_fpn, torchvision's settings) vs torchvision's train step, same batch, interleaved.
     try:
@@ -668,8 +689,9 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
     else:
         from maskrt.model.convert import TORCHVISION_SETTINGS
         torch.manual_seed(0)
-        ours = make_step(build_model("r50_fpn", num_classes, **TORCHVISION_SETTINGS))
-        theirs = make_step(torchvision_maskrcnn(torch, num_classes, frozen_bn=True))
+        # The same step code for both (the one written here): only the models differ.
+        ours = make_step(build_model("r50_fpn", num_classes, **TORCHVISION_SETTINGS), via_trainer=False)
+        theirs = make_step(torchvision_maskrcnn(torch, num_classes, frozen_bn=True), via_trainer=False)
         for run in (ours, theirs, ours, theirs):
             run()
         ours_ms, theirs_ms = [], []
