@@ -330,13 +330,13 @@ def check_kernel(built: dict, emit: Callable[[dict], None]) -> None:
     gpu_kernel.run_contract(gpu_kernel.gpu_runner(library, device), run_torchvision, emit=emit)
 
 
-SANITIZER_REFUSALS = ("Device not supported", "not supported on this device", "Unable to find injection",
-                      "Target application returned an error", "INTERNAL ERROR")
+# What compute-sanitizer prints when it cannot instrument this device (some virtualised GPUs).
+SANITIZER_REFUSALS = ("Device not supported", "not supported on this device", "Unable to find injection")
 
 
 def sanitizer_verdict(output: str, returncode: int) -> tuple[bool | None, str]:
     """(passed, detail) from compute-sanitizer's output; passed None when the tool refused the device."""
-    for marker in SANITIZER_REFUSALS[:3]:
+    for marker in SANITIZER_REFUSALS:
         if marker in output:
             return None, f"refused: {marker}"
     match = (re.search(r"ERROR SUMMARY: (\d+) error", output)

@@ -21,7 +21,6 @@ device memory from torch.cuda or, without torch (under compute-sanitizer), cuda-
 Exit status 1 when a comparison fails. The comparison and figure code is plain NumPy and runs on
 the CPU too (tests/test_gpu_check.py drives it with the kernel's host emulation).
 """
-from __future__ import annotations
 
 import argparse
 import json
@@ -98,6 +97,14 @@ def random_rois(rng: np.random.Generator, count: int, height: int, width: int,
             continue
         rows.append(box)
     return np.array(rows, dtype=np.float64).reshape(count, 4)
+
+
+def random_inputs(batch: int, num_rois: int, channels: int, size: int, dtype: np.dtype, seed: int = 0
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """rois [B, R, 4] (sides log-uniform 8..size px: every level used) and P2..P5 of a size x size input."""
+    case = KernelCase("random", np.dtype(dtype).name, batch, num_rois, channels, size, size, RoIAlignAttributes(),
+                      special_rois=False, seed=seed)
+    return make_inputs(case)
 
 
 def make_inputs(case: KernelCase) -> tuple[np.ndarray, list[np.ndarray]]:
