@@ -3,7 +3,7 @@
 // getInferLibMajorVersion (as libnvinfer does), hands the library a logger finder and logger of its
 // own headers' layout, and asks the creator for a plugin with a bad field so that the plugin logs.
 // Prints one line:
-//   LOGGED <message>   the plugin's error reached this host's logger
+//   LOGGED <message>   the plugin's error reached this host's (first) logger
 //   REFUSED            getCreators registered nothing (the library refuses this host's major)
 //   SILENT             the plugin created nothing but its message never reached the logger
 // and exits 0 for these; 1 when the library cannot be opened.
@@ -81,6 +81,12 @@ int main(int argc, char** argv)
     RecordingLogger logger;
     Finder finder(&logger);
     setLoggerFinder(&finder);
+    // TensorRT calls setLoggerFinder once per library that loads the plugin: a later null or
+    // another finder must not take the first one's place.
+    setLoggerFinder(nullptr);
+    RecordingLogger otherLogger;
+    Finder otherFinder(&otherLogger);
+    setLoggerFinder(&otherFinder);
     int32_t count = 0;
     IPluginCreatorInterface* const* creators = getCreators(count);
     if (creators == nullptr || count == 0)
