@@ -869,6 +869,8 @@ void runGpuChecks(IPluginCreatorV3One* creator, RecordingLogger& logger, bool sm
 
 int main(int argc, char** argv)
 {
+    // Line-buffered: a crash (e.g. in a kernel launch) leaves every line printed before it.
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
 #ifdef MASKRT_PLUGIN_CHECK_GPU
     bool small = false;
     bool onDevice = true;
