@@ -256,6 +256,18 @@ def is_failure(check: Check, status: str) -> bool:
     return status == "fail" or (check.correctness and status.startswith("error"))
 
 
+def summarise(entries: list[dict], failures: list[str]) -> str:
+    """One line: 'FAIL: kernel, plugin' or 'no failure: 4 passed, 1 goal missed, 1 not run'."""
+    if failures:
+        return "FAIL: " + ", ".join(failures)
+    counts: dict[str, int] = {}
+    for entry in entries:
+        kind = entry["status"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return "no failure: " + ", ".join(f"{count} {kind if kind != 'pass' else 'passed'}"
+                                      for kind, count in counts.items())
+
+
 def format_value(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
@@ -878,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = parse_only(args.only)
     except ValueError as error:
         parser.error(str(error))
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the checks run with the repository as their working directory
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -945,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_s"] = time.perf_counter() - started
         write_report(out, report)
         log(f"check {check.number} {check.name}: {entry['status']} ({entry['seconds']:.0f} s)")
-    report["result"] = "FAIL: " + ", ".join(failures) if failures else "pass (correctness)"
+    report["result"] = summarise(report["checks"], failures)
     report["wall_s"] = time.perf_counter() - started
     write_report(out, report)
     log(f"{report['result']}; wrote {out / 'gpu_check.md'}")

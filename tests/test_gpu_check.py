@@ -314,6 +314,13 @@ def test_child_record_keeps_figures_and_reports_not_run_and_errors(tmp_path, mon
     assert gpu_check.read_record(partial)[3] is False and len(gpu_check.read_record(partial)[0]) == 1
 
 
+def test_summary_line():
+    entries = [{"status": "pass"}, {"status": "goal missed"}, {"status": "not run: no TensorRT headers"},
+               {"status": "pass"}]
+    assert gpu_check.summarise(entries, []) == "no failure: 2 passed, 1 goal missed, 1 not run"
+    assert gpu_check.summarise(entries, ["kernel", "plugin"]) == "FAIL: kernel, plugin"
+
+
 def test_status_rules():
     ok = gpu_check.figure("a", 1e-7, "max rel. error", "<= 1e-05", True)
     bad = gpu_check.figure("b", 1e-3, "max rel. error", "<= 1e-05", False)
