@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.maskrt-installed
 
-.PHONY: demo test setup bench clean plugin
+.PHONY: demo test setup bench clean plugin gpu-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ bench: $(STAMP)
 
 plugin: $(STAMP)
 	$(VENV)/bin/maskrt plugin build
+
+# On a machine with an NVIDIA GPU (docs/gpu.md): its own python3 and PyTorch, no .venv (the
+# .venv's torch is the CPU wheel). Installs the project --no-deps when it is not importable.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -P -c "import maskrt.plugins.cpu, maskrt.model" 2>/dev/null \
+	  || $(GPU_PYTHON) -m pip install -q --no-deps -e . \
+	  || $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) bench/gpu_check.py --out runs/gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build runs .pytest_cache
