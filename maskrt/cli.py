@@ -77,6 +77,11 @@ def _infer(args: argparse.Namespace) -> int:
     return infer_command(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from maskrt.runtime.serving import serve_command
+    return serve_command(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from maskrt.runtime.commands import bench_command
     return bench_command(args)
@@ -209,6 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
     be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     be.set_defaults(handler=_bench)
+
+    # serve
+    se = verbs.add_parser(
+        "serve", help="serve a model on Triton Inference Server (HTTP, gRPC, metrics), e.g. "
+        "`maskrt serve --model edge.onnx --http-port 8000`")
+    se.add_argument("--model", required=True, help=".onnx, or .engine/.plan, served as Triton model 'maskrt'")
+    se.add_argument("--host", default="127.0.0.1",
+                    help="address the three endpoints bind to (default 127.0.0.1; 0.0.0.0 for every interface)")
+    se.add_argument("--http-port", type=int, default=8000, help="Triton HTTP/REST port (default 8000)")
+    se.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
+    se.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    se.add_argument("--max-batch", type=int, default=8, help="largest batch the dynamic batcher forms (default 8)")
+    se.add_argument("--instances", type=int, default=1, help="model instances (processes) serving in parallel")
+    se.add_argument("--conf", type=float, default=0.5, help="keep detections with score >= conf (default 0.5)")
+    se.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                    help="what runs the graph inside the server (default: by file suffix)")
+    se.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
+    se.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton to be ready")
+    se.add_argument("--log", help="write Triton's log to this file (default: a temporary file)")
+    se.set_defaults(handler=_serve)
 
     # demo
     de = verbs.add_parser("demo", help="synthetic data -> train -> eval -> export -> runtime -> report")
