@@ -162,14 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     # export
     ex = verbs.add_parser("export", help="export weights to an ONNX graph (portable or TensorRT target)")
-    ex.add_argument("--weights", required=True)
+    ex.add_argument("--weights", help="weights to export (required unless --triton with --model)")
     ex.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"])
     ex.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     ex.add_argument("--calib", help="calibration images folder for int8 (default: calib_data/)")
-    ex.add_argument("--input-size", type=_input_size, required=True, metavar="HxW")
+    ex.add_argument("--input-size", type=_input_size, metavar="HxW", help="model input size (with --weights)")
     ex.add_argument("--batch", type=int, default=None,
                     help="fixed batch size (default: dynamic batch)")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", help="the ONNX file to write (with --weights)")
+    ex.add_argument("--triton", metavar="REPO",
+                    help="also write a Triton model repository REPO (graph model + 'maskrt' Python model), e.g. "
+                    "`maskrt export --triton repo --model edge.engine`")
+    ex.add_argument("--model", help="with --triton: an existing .onnx or .engine/.plan to put in the repository")
+    ex.add_argument("--graph-backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "python"],
+                    help="with --triton: Triton backend of the graph model (auto: tensorrt for an engine, "
+                    "onnxruntime for ONNX; python: ONNX Runtime in a Python model, for a CPU-only Triton)")
+    ex.add_argument("--max-batch", type=int, default=8, help="with --triton: largest batch of the models (default 8)")
+    ex.add_argument("--conf", type=float, default=0.5, help="with --triton: score threshold of the served detections")
+    ex.add_argument("--plugin", help="with --triton: where the TensorRT plugin library lies on the server "
+                    "(for the README's commands; default /opt/maskrt/lib/libmaskrt_plugins.so)")
     ex.set_defaults(handler=_export)
 
     # build
@@ -194,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # infer
     inf = verbs.add_parser("infer", help="real-time inference on a camera, video, stream, image or folder")
-    inf.add_argument("--model", required=True, help=".onnx, or .engine/.plan")
+    inf.add_argument("--model", help=".onnx, or .engine/.plan (or use --server)")
+    inf.add_argument("--server", metavar="HOST:PORT",
+                     help="send the frames to a Triton server's 'maskrt' model over gRPC instead of running a "
+                     "model here, e.g. `maskrt infer --server gpu-box:8001 --source 0`")
     inf.add_argument("--source", required=True, help="0 | /dev/videoN | file.mp4 | rtsp://... | image | dir")
     inf.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     inf.add_argument("--show", action="store_true")

@@ -34,7 +34,15 @@ def infer_command(args: argparse.Namespace) -> int:
     """Run a model on a camera, stream, video, image or folder; overlay, show/save, summarise."""
     if args.max_frames is not None and args.max_frames <= 0:
         raise MaskrtError(f"--max-frames must be positive, got {args.max_frames}")
-    predictor = _predictor_from_args(args, args.conf)
+    if getattr(args, "server", None):
+        if args.model:
+            raise MaskrtError("give --model (run it here) or --server (a Triton server runs it), not both")
+        from maskrt.runtime.backends.triton import TritonPredictor
+        predictor = TritonPredictor(args.server, conf=args.conf)
+    elif not args.model:
+        raise MaskrtError("maskrt infer needs --model (or --server HOST:PORT of a Triton server)")
+    else:
+        predictor = _predictor_from_args(args, args.conf)
     if args.show:
         check_display()
     source = open_source(str(args.source))
