@@ -10,7 +10,6 @@ with its parent: PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -324,30 +323,36 @@ def test_exported_repository_parses_and_answers_in_the_bundled_triton(model_path
         kill(process)
 
 
-def test_sigterm_answers_the_request_in_flight_and_stops(server):
+def test_sigterm_answers_the_requests_in_flight_and_stops(server):
     """Last test of the module: it stops the shared server."""
-    big = np.ascontiguousarray(np.tile(test_images()[0], (8, 8, 1)))  # 768 x 1280: a slower request
-    results: list[object] = []
+    big = np.ascontiguousarray(np.tile(test_images()[0], (8, 8, 1)))  # 768 x 1280: slower requests
+    results: list[tuple[float, object]] = []
+    lock = threading.Lock()
 
     def request() -> None:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
         try:
-            results.append(grpc_infer(client, big))
+            answer: object = grpc_infer(client, big)
         except Exception as err:  # noqa: BLE001 - recorded, then asserted
-            results.append(err)
+            answer = err
+        with lock:
+            results.append((time.monotonic(), answer))
         client.close()
 
-    thread = threading.Thread(target=request)
-    thread.start()
-    time.sleep(0.3)  # the request is on its way or being computed
+    threads = [threading.Thread(target=request) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # the requests are queued or being computed
     began = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     code = server.process.wait(60)
     took = time.monotonic() - began
-    thread.join(60)
+    for thread in threads:
+        thread.join(60)
     assert code == 0 and took < 30, (code, took)
-    assert len(results) == 1 and isinstance(results[0], dict), results
-    assert int(results[0]["num_dets"][0]) > 0
+    assert len(results) == 6 and all(isinstance(answer, dict) for _, answer in results), results
+    assert all(int(answer["num_dets"][0]) > 0 for _, answer in results)
+    assert max(done for done, _ in results) > began  # some were answered after SIGTERM: drained, not dropped
     assert "stopped" in server.output.read_text()
-    with socket.socket() as probe:
+    with socket.socket() as probe:  # nothing listens on the port any more
         assert probe.connect_ex(("127.0.0.1", server.grpc)) != 0
