@@ -190,6 +190,25 @@ def test_pack_detections_pads_and_encodes_like_pycocotools(model_path, predictor
         [r["counts"] for r in reference]
 
 
+def test_user_errors_are_one_line(tmp_path, model_path, capsys):
+    from maskrt.cli import main
+
+    cases = [
+        (["serve", "--model", str(tmp_path / "missing.onnx")], "model file not found"),
+        (["serve", "--model", str(model_path), "--http-port", "9000", "--grpc-port", "9000"], "must differ"),
+        (["serve", "--model", str(model_path), "--max-batch", "0"], "--max-batch must be at least 1"),
+        (["export", "--triton", str(tmp_path / "repo")], "needs --weights, --input-size, --out"),
+        (["export", "--triton", str(tmp_path / "repo"), "--model", str(tmp_path / "missing.engine")], "not found"),
+        (["infer", "--source", "0"], "needs --model (or --server"),
+        (["infer", "--server", "nocolon", "--source", "0"], "must be HOST:PORT"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("maskrt: error: ") and expected in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "repo").exists()
+
+
 # --- maskrt serve ---------------------------------------------------------------------------
 
 def test_http_and_grpc_answers_equal_the_in_process_predictor(server, predictor):
