@@ -294,20 +294,23 @@ def start_tritonserver(repo: Path, workdir: Path, host: str, http_port: int, grp
 
 
 def wait_until_ready(process: subprocess.Popen, host: str, http_port: int, timeout_s: float,
-                     log_path: Path) -> None:
+                     log_path: Path, should_stop=lambda: False) -> bool:
     """Poll Triton's HTTP readiness (server and model) until ready; a clear error when the
-    server exits or the time runs out (with the log's last error line)."""
+    server exits or the time runs out (with the log's last error line). Returns False when
+    ``should_stop()`` turned true first (a signal during start-up), True when ready."""
     address = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{address}:{http_port}/v2/models/{MODEL_NAME}/ready"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if should_stop():
+            return False
         if process.poll() is not None:
             raise MaskrtError(f"tritonserver exited (code {process.returncode}) before the model was ready: "
                               f"{_last_error(log_path)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
                 if reply.status == 200:
-                    return
+                    return True
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
@@ -376,7 +379,10 @@ def serve_command(args: argparse.Namespace) -> int:
         write_maskrt_model(workdir / "models", config)
         process = start_tritonserver(workdir / "models", workdir, args.host, args.http_port, args.grpc_port,
                                      args.metrics_port, log_path)
-        wait_until_ready(process, args.host, args.http_port, args.ready_timeout, log_path)
+        if not wait_until_ready(process, args.host, args.http_port, args.ready_timeout, log_path,
+                                should_stop=lambda: stop["signal"] is not None):
+            print("maskrt serve: stopped before the model was ready", flush=True)
+            return 0
         print(f"maskrt serve: model '{MODEL_NAME}' ({args.model}) ready on Triton 2.51", flush=True)
         print(f"  HTTP     http://{args.host}:{args.http_port}/v2/models/{MODEL_NAME}", flush=True)
         print(f"  gRPC     {args.host}:{args.grpc_port}", flush=True)

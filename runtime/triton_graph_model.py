@@ -15,15 +15,20 @@ from maskrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        import json
+
         folder = Path(args["model_repository"]) / args["model_version"]
         self.backend = OnnxRuntimeBackend(folder / "model.onnx", providers=["CPUExecutionProvider"])
+        # A batching config declares num_dets [1] per item; a fixed-batch one (max_batch_size 0) [B].
+        self.batched = int(json.loads(args["model_config"]).get("max_batch_size", 0)) > 0
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
             outputs = self.backend.run(images)
-            outputs["num_dets"] = outputs["num_dets"].reshape(-1, 1)
+            if self.batched:
+                outputs["num_dets"] = outputs["num_dets"].reshape(-1, 1)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, outputs[name]) for name in OUTPUT_NAMES]))
         return responses

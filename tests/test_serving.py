@@ -209,6 +209,52 @@ def test_user_errors_are_one_line(tmp_path, model_path, capsys):
     assert not (tmp_path / "repo").exists()
 
 
+def _metadata(fixed_batch: bool = False) -> dict[str, str]:
+    return {"class_names": json.dumps(list(CLASS_NAMES)), "input_size": "[320, 256]", "image_mean": "[0.5, 0.5, 0.5]",
+            "detections_per_img": "50", "mask_size": "28", "precision": "fp16", "target": "tensorrt",
+            "engine_min_batch": "4" if fixed_batch else "1", "engine_max_batch": "4"}
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+def test_engine_repository_is_a_tensorrt_plan_with_the_plugin_commands(tmp_path, fixed_batch):
+    from maskrt.export.triton import write_triton_repository
+
+    engine = tmp_path / "edge.engine"
+    engine.write_bytes(b"not parsed: copied as model.plan")
+    (tmp_path / "edge.engine.json").write_text(json.dumps(_metadata(fixed_batch)))
+    repo = write_triton_repository(engine, tmp_path / "repo", max_batch=4, plugin="/p/libmaskrt_plugins.so")
+    graph = text_format.Parse((repo / "maskrt_graph" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    served = text_format.Parse((repo / "maskrt" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert graph.platform == "tensorrt_plan" and (repo / "maskrt_graph" / "1" / "model.plan").is_file()
+    assert list(graph.input[0].dims) == ([4] if fixed_batch else []) + [3, 320, 256]
+    assert graph.max_batch_size == (0 if fixed_batch else 4)
+    assert list(graph.output[4].dims) == ([4] if fixed_batch else []) + [50, 28, 28]
+    assert served.max_batch_size == 4 and list(served.output[1].dims) == [50, 4]
+    assert served.parameters["graph_fixed_batch"].string_value == ("4" if fixed_batch else "0")
+    readme = (repo / "README.md").read_text()
+    assert "--backend-config=tensorrt,plugins=/p/libmaskrt_plugins.so" in readme
+    assert "LD_PRELOAD=/p/libmaskrt_plugins.so" in readme
+
+
+def test_tensorrt_target_onnx_names_the_ort_op_library(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from maskrt.export.triton import DEFAULT_ORT_OPS, write_triton_repository
+
+    node = helper.make_node("MultilevelRoIAlign", ["images"], ["masks"], domain="maskrt")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 320, 256])],
+                              [helper.make_tensor_value_info("masks", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph)
+    for key, value in _metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, tmp_path / "trt.onnx")
+    repo = write_triton_repository(tmp_path / "trt.onnx", tmp_path / "repo")
+    config = text_format.Parse((repo / "maskrt_graph" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "onnxruntime_onnx"
+    assert list(config.model_operations.op_library_filename) == [DEFAULT_ORT_OPS]
+
+
 # --- maskrt serve ---------------------------------------------------------------------------
 
 def test_http_and_grpc_answers_equal_the_in_process_predictor(server, predictor):
