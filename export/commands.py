@@ -10,13 +10,14 @@ from maskrt.errors import MaskrtError
 
 def export_command(args: argparse.Namespace) -> int:
     """Load `--weights`, export to `--out` for `--target` at `--precision`; print a one-line summary."""
-    if args.model and not args.triton:
+    model, triton = getattr(args, "model", None), getattr(args, "triton", None)  # absent: older callers
+    if model and not triton:
         raise MaskrtError("--model is for --triton: export --weights to --out, or add --triton REPO")
-    if args.triton and args.model:
+    if triton and model:
         if args.weights:
             raise MaskrtError("give --weights (export, then the repository) or --model (an existing model), not both")
         from maskrt.export.triton import export_triton_command
-        return export_triton_command(args, args.model)
+        return export_triton_command(args, model)
     missing = [flag for flag, value in (("--weights", args.weights), ("--input-size", args.input_size),
                                         ("--out", args.out)) if not value]
     if missing:
@@ -40,7 +41,7 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): target {args.target}, {args.precision}, "
           f"input [{batch},3,{args.input_size[0]},{args.input_size[1]}], "
           f"{len(json.loads(metadata['class_names'])) - 1} classes, opset {metadata['opset']}")
-    if args.triton:
+    if triton:
         from maskrt.export.triton import export_triton_command
         return export_triton_command(args, str(out))
     return 0
