@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", help="write the figures to this JSON file")
     be.add_argument("--against-eager", metavar="WEIGHTS", help="also time the PyTorch eager model")
     be.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
+    be.add_argument("--source", help="time the pipelined loop on this video, camera index or image at its own "
+                                     "resolution, beside the engine alone (e.g. --source clip.mp4)")
+    be.add_argument("--draw", action="store_true", help="with --source: also draw overlays and encode them to a "
+                                                        "temporary mp4, as `infer --save` does")
+    be.add_argument("--conf", type=float, default=0.0, help="with --source: score threshold (default 0.0: every "
+                                                            "detection the graph keeps, the worst case)")
+    be.add_argument("--rounds", type=int, default=3, help="with --source: interleaved rounds of engine-alone and "
+                                                          "loop timing (--iters frames each); medians reported")
     be.set_defaults(handler=_bench)
 
     # serve

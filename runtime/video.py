@@ -11,6 +11,7 @@ Sources yield good BGR frames and count the bad ones themselves (``dropped``):
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -292,15 +293,20 @@ class FrameSink:
             self.writer = None
 
 
+STAGES = ("decode", "preprocess", "inference", "postprocess", "draw", "encode")
+
+
 @dataclass
 class LoopStats:
-    """What ``run_loop`` measured: per-frame latency (predict + draw) and the wall time."""
+    """What ``run_loop`` measured: per-frame latency (frame decoded -> overlay drawn, queue waits
+    included), milliseconds per stage, and the wall time."""
 
     frames: int = 0
     dropped: int = 0
     skipped: int = 0
     reopens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    stage_ms: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in STAGES})
     wall_s: float = 0.0
     interrupted: bool = False
 
@@ -310,6 +316,11 @@ class LoopStats:
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
+
+    def stage_percentiles(self) -> dict[str, dict[str, float]]:
+        """{stage: {"p50": ms, "p99": ms}} for the stages that ran."""
+        return {name: {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+                for name, values in self.stage_ms.items() if values}
 
     def summary(self) -> str:
         """The one line printed at the end of ``maskrt infer``."""
@@ -321,18 +332,139 @@ class LoopStats:
         return line + (" (stopped by Ctrl-C)" if self.interrupted else "")
 
 
-def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarray, str]],
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class FrameStages:
+    """A frame's work, split into the stages the pipelined loop overlaps.
+
+    preprocess(frame) -> prepared; infer(prepared) -> outputs; postprocess(frame, prepared,
+    outputs) -> result; draw(frame, result) -> (overlay BGR, text). ``FrameStages.serial(process)``
+    wraps one ``process(frame) -> (overlay, text)`` callable as the draw stage.
+    """
+
+    preprocess: Callable[[np.ndarray], Any]
+    infer: Callable[[Any], Any]
+    postprocess: Callable[[np.ndarray, Any, Any], Any]
+    draw: Callable[[np.ndarray, Any], tuple[np.ndarray, str]]
+
+    @staticmethod
+    def serial(process: Callable[[np.ndarray], tuple[np.ndarray, str]]) -> "FrameStages":
+        return FrameStages(preprocess=_identity, infer=_identity, postprocess=lambda frame, prepared, outputs: None,
+                           draw=lambda frame, result: process(frame))
+
+
+class _End:
+    """Sent down the pipeline after the last frame; carries a stage's exception, if any."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class _Handoff:
+    """A bounded FIFO between two stage threads whose put/get give up when ``stop`` is set."""
+
+    def __init__(self, size: int, stop: threading.Event) -> None:
+        self.items: collections.deque = collections.deque()
+        self.size, self.stop = size, stop
+        self.changed = threading.Condition()
+
+    def put(self, item: Any) -> bool:
+        with self.changed:
+            while len(self.items) >= self.size and not self.stop.is_set():
+                self.changed.wait(0.1)
+            if self.stop.is_set():
+                return False
+            self.items.append(item)
+            self.changed.notify_all()
+            return True
+
+    def get(self) -> Any:
+        with self.changed:
+            while not self.items and not self.stop.is_set():
+                self.changed.wait(0.1)
+            if self.stop.is_set():
+                return _End()
+            item = self.items.popleft()
+            self.changed.notify_all()
+            return item
+
+
+def run_loop(source: FrameSource, process: FrameStages | Callable[[np.ndarray], tuple[np.ndarray, str]],
              sink: FrameSink | None = None, show: bool = False, max_frames: int | None = None,
-             on_frame: Callable[[str, str], None] | None = None) -> LoopStats:
-    """Feed every good frame of ``source`` to ``process`` (frame -> (overlay, text)), save and show
-    the overlays with FPS and latency drawn on, until the source ends, ``max_frames`` frames,
-    'q'/Esc in the window, or Ctrl-C. The sink is finalised and the source closed in every case."""
+             on_frame: Callable[[str, str], None] | None = None, opencv_threads: int | None = 1) -> LoopStats:
+    """Feed every good frame of ``source`` through ``process`` and save / show the overlays with
+    FPS and latency drawn on, until the source ends, ``max_frames`` frames, 'q'/Esc in the
+    window, or Ctrl-C. The sink is finalised and the source closed in every case.
+
+    Pipelined: decode + preprocess, inference, postprocess + draw each run in their own thread
+    and the calling thread writes / shows, so the loop runs at the pace of its slowest stage,
+    not of their sum. Frames stay in order (one thread per stage, FIFO hand-offs of 2 frames;
+    1 for a live source, which keeps only its newest frame while the model is busy).
+    ``process`` is a FrameStages, or one callable frame -> (overlay, text) run as the draw stage.
+    ``opencv_threads``: cv2.setNumThreads while the loop runs (1: the stages already use the
+    cores; OpenCV's own thread pool on top would oversubscribe them); None leaves it.
+    """
     from maskrt.runtime.draw import draw_status
 
+    stages = process if isinstance(process, FrameStages) else FrameStages.serial(process)
     stats = LoopStats()
-    start = time.perf_counter()
-    smoothed_fps = 0.0
-    last_done = start
+    stop = threading.Event()  # tells the stage threads to quit
+    depth = 1 if source.live else 2
+    prepared_q, inferred_q, drawn_q = _Handoff(depth, stop), _Handoff(depth, stop), _Handoff(depth, stop)
+    times = stats.stage_ms
+
+    def timed(name: str, fn: Callable, *args: Any) -> Any:
+        begin = time.perf_counter()
+        value = fn(*args)
+        times[name].append((time.perf_counter() - begin) * 1000.0)  # list.append is atomic
+        return value
+
+    def read_and_prepare() -> None:
+        error = None
+        try:
+            frames = iter(source.frames())
+            while not stop.is_set():
+                begin = time.perf_counter()
+                item = next(frames, None)
+                if item is None:
+                    break
+                decoded = time.perf_counter()
+                times["decode"].append((decoded - begin) * 1000.0)
+                name, frame = item
+                if not prepared_q.put((name, frame, decoded, timed("preprocess", stages.preprocess, frame))):
+                    break
+        except BaseException as err:  # handed to the calling thread, which re-raises it
+            error = err
+        prepared_q.put(_End(error))
+
+    def relay(inbox: _Handoff, outbox: _Handoff, work: Callable[[tuple], tuple]) -> None:
+        """One stage's thread: ``work`` on each item in order; the end, or a failure, is passed on."""
+        while True:
+            item = inbox.get()
+            if isinstance(item, _End):
+                outbox.put(item)
+                return
+            try:
+                result = work(item)
+            except BaseException as err:  # handed down to the calling thread, which re-raises it
+                outbox.put(_End(err))
+                return
+            if not outbox.put(result):
+                return
+
+    def infer(item: tuple) -> tuple:
+        name, frame, decoded, prepared = item
+        return name, frame, decoded, prepared, timed("inference", stages.infer, prepared)
+
+    def finish(item: tuple) -> tuple:
+        name, frame, decoded, prepared, outputs = item
+        result = timed("postprocess", stages.postprocess, frame, prepared, outputs)
+        overlay, text = timed("draw", stages.draw, frame, result)
+        return name, overlay, text, (time.perf_counter() - decoded) * 1000.0
+
     # Ctrl-C sets a flag that the loop reads between frames, so it never lands inside a frame's
     # write (the saved count and the file would disagree by one). A second Ctrl-C interrupts at
     # once. Handlers can only be installed from the main thread; elsewhere KeyboardInterrupt is
@@ -343,18 +475,36 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
         if stop_requested.is_set():
             raise KeyboardInterrupt
         stop_requested.set()
+        stop.set()  # frames still in the stages are dropped, never half-written
 
     # signal.signal may return None (a handler not set from Python), so whether one was
     # installed is its own flag.
     handler_installed = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, request_stop) if handler_installed else None
+    previous_threads = cv2.getNumThreads()
+    if opencv_threads is not None:
+        cv2.setNumThreads(opencv_threads)
+    workers = [threading.Thread(target=read_and_prepare, name="maskrt decode+preprocess", daemon=True),
+               threading.Thread(target=relay, args=(prepared_q, inferred_q, infer), name="maskrt inference",
+                                daemon=True),
+               threading.Thread(target=relay, args=(inferred_q, drawn_q, finish), name="maskrt postprocess+draw",
+                                daemon=True)]
+    start = time.perf_counter()
+    smoothed_fps = 0.0
+    last_done = start
+    failure: BaseException | None = None
     try:
-        for name, frame in source.frames():
-            if stop_requested.is_set():
+        for worker in workers:
+            worker.start()
+        while not stop_requested.is_set():
+            item = drawn_q.get()
+            if isinstance(item, _End):
+                if isinstance(item.error, KeyboardInterrupt):
+                    stats.interrupted = True
+                elif item.error is not None:
+                    failure = item.error
                 break
-            begin = time.perf_counter()
-            overlay, text = process(frame)
-            latency_ms = (time.perf_counter() - begin) * 1000.0
+            name, overlay, text, latency_ms = item
             stats.frames += 1
             stats.latencies_ms.append(latency_ms)
             now = time.perf_counter()
@@ -366,29 +516,37 @@ def run_loop(source: FrameSource, process: Callable[[np.ndarray], tuple[np.ndarr
             if on_frame is not None:
                 on_frame(name, text)
             if sink is not None:
-                sink.write(name, overlay)
+                timed("encode", sink.write, name, overlay)
             if show:
                 cv2.imshow("maskrt", overlay)
                 if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                     break
             if max_frames is not None and stats.frames >= max_frames:
                 break
-            if stop_requested.is_set():
-                break
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
+        stop.set()
+        if source.live:  # wakes the reader from a wait for the next camera frame
+            source.close()
+        for worker in workers:
+            worker.join(timeout=10.0)
         if handler_installed:
             signal.signal(signal.SIGINT, previous_handler if previous_handler is not None else signal.SIG_DFL)
+        if opencv_threads is not None:
+            cv2.setNumThreads(previous_threads)
         stats.interrupted = stats.interrupted or stop_requested.is_set()
         stats.wall_s = time.perf_counter() - start
         if sink is not None:
             sink.close()
-        source.close()
+        if not source.live:  # a file is released only once its reader has stopped reading
+            source.close()
         if show:
             cv2.destroyAllWindows()
         stats.dropped, stats.skipped = source.dropped, source.skipped
         stats.reopens = getattr(source, "reopens", 0)
+    if failure is not None:
+        raise failure
     return stats
 
 

@@ -1,6 +1,7 @@
 """Masks as crops: pasting each box's window, drawing from crops and COCO RLE from a crop give
-exactly what the full-frame path gives (today's ``paste_masks``, the full-frame drawing kept
-below as ``draw_detections_full_frame``, and pycocotools' encoder)."""
+exactly what the full-frame path gives (the full-frame paste and drawing shipped before,
+kept below as ``paste_masks_full_frame`` and ``draw_detections_full_frame``, and pycocotools'
+encoder)."""
 from __future__ import annotations
 
 import cv2
@@ -11,9 +12,40 @@ from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import class_color, draw_detections, draw_label
 from maskrt.runtime.masks import (MaskCrops, crop_rle_counts, crop_to_full_mask, crop_to_rle, crops_from_full_masks,
                                   rle_counts_to_string)
-from maskrt.runtime.postprocess import paste_mask_crops, paste_masks
+from maskrt.runtime.postprocess import MASK_THRESHOLD, expand_boxes, paste_mask_crops, paste_masks
 from maskrt.runtime.predictor import Detections
 from test_runtime_fakes import CLASS_NAMES
+
+
+def paste_masks_full_frame(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                           threshold: float | None = MASK_THRESHOLD, padding: int = 1) -> np.ndarray:
+    """The full-frame paste ``maskrt`` shipped before crops (2026-11-26), verbatim: the reference.
+
+    masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
+    pixels. Returns bool [N,h,w] (probability > threshold) or, with threshold=None, the float32
+    pasted probabilities [N,h,w] (zero outside each box).
+    """
+    h, w = image_size
+    count = len(masks)
+    pasted = np.zeros((count, h, w), dtype=np.float32 if threshold is None else bool)
+    if count == 0:
+        return pasted
+    size = masks.shape[-1]
+    padded = np.pad(masks.astype(np.float32), ((0, 0), (padding, padding), (padding, padding)))
+    # torch's .to(int64) truncates toward zero; astype does the same.
+    int_boxes = expand_boxes(boxes, (size + 2 * padding) / size).astype(np.int64)
+    for i, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
+        box_w, box_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        x0_img, x1_img = max(x1, 0), min(x2 + 1, w)
+        y0_img, y1_img = max(y1, 0), min(y2 + 1, h)
+        if x0_img >= x1_img or y0_img >= y1_img:
+            continue  # the box lies outside the image
+        resized = cv2.resize(padded[i], (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+        if resized.ndim == 1:  # cv2 drops a unit dimension of a 1xK or Kx1 result
+            resized = resized.reshape(box_h, box_w)
+        window = resized[y0_img - y1:y1_img - y1, x0_img - x1:x1_img - x1]
+        pasted[i, y0_img:y1_img, x0_img:x1_img] = window if threshold is None else window > threshold
+    return pasted
 
 
 def draw_detections_full_frame(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
@@ -70,11 +102,12 @@ def random_detections(count: int, h: int, w: int, seed: int) -> tuple[np.ndarray
 def test_crop_paste_equals_full_frame_paste(h, w, count, seed):
     masks, boxes, _, _ = random_detections(count, h, w, seed)
     crops = paste_mask_crops(masks, boxes, (h, w))
-    reference = paste_masks(masks, boxes, (h, w))
+    reference = paste_masks_full_frame(masks, boxes, (h, w))
     assert len(crops) == count and crops.image_size == (h, w)
     assert np.array_equal(crops.full(), reference) and reference.sum() > 1000
     probabilities = paste_mask_crops(masks, boxes, (h, w), threshold=None)
-    assert np.array_equal(probabilities.full(), paste_masks(masks, boxes, (h, w), threshold=None))
+    assert np.array_equal(probabilities.full(), paste_masks_full_frame(masks, boxes, (h, w), threshold=None))
+    assert np.array_equal(paste_masks(masks, boxes, (h, w)), reference)
     assert crops.crops[3].shape == (0, 0)  # the box wholly outside the image
     for i in range(count):  # every crop lies inside the image
         x0, y0, x1, y1 = crops.window(i)
@@ -95,24 +128,22 @@ def test_drawing_from_crops_gives_the_full_frame_pixels(h, w, count, seed, alpha
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     image[: h // 3] = 255  # saturated pixels blend too
     image[h // 3: h // 2] = 0
+    before = image.copy()
     from_crops = Detections(boxes, scores, labels, class_names=CLASS_NAMES,
                             mask_crops=paste_mask_crops(masks, boxes, (h, w)))
-    full = Detections(boxes, scores, labels, paste_masks(masks, boxes, (h, w)), CLASS_NAMES)
+    full = Detections(boxes, scores, labels, paste_masks_full_frame(masks, boxes, (h, w)), CLASS_NAMES)
     expected = draw_detections_full_frame(image, full, alpha=alpha, show_boxes=show_boxes)
     ours = draw_detections(image, from_crops, alpha=alpha, show_boxes=show_boxes)
     assert not np.array_equal(expected, image)
     assert np.array_equal(ours, expected), f"{int((ours != expected).any(axis=2).sum())} pixels differ"
     # Detections made from full frames are cut to crops and draw the same.
     assert np.array_equal(draw_detections(image, full, alpha=alpha, show_boxes=show_boxes), expected)
-    # In place: the same pixels, written into the frame itself.
-    frame = image.copy()
-    assert draw_detections(frame, from_crops, alpha=alpha, show_boxes=show_boxes, in_place=True) is frame
-    assert np.array_equal(frame, expected)
+    assert np.array_equal(image, before)  # the input is untouched
 
 
 def test_every_pixel_value_blends_as_before():
-    """The one blend over the crops' union rectangle leaves uncovered pixels exactly as they were
-    (addWeighted of a pixel with itself), for every uint8 value and several alphas."""
+    """Blending crop by crop gives the full-frame blend's pixel for every uint8 value and several
+    alphas, and a crop larger than its mask leaves the pixels outside the mask untouched."""
     values = np.arange(256, dtype=np.uint8)
     image = np.stack([values, values[::-1], np.roll(values, 77)], 1)[None].repeat(8, 0)  # [8,256,3]
     mask = np.zeros((1, 8, 256), bool)
@@ -134,7 +165,7 @@ def test_detections_masks_are_built_on_demand_and_kept():
     assert detections.image_size == (h, w) and detections._masks is None
     full = detections.masks
     assert full.dtype == bool and full.shape == (12, h, w) and detections.masks is full
-    assert np.array_equal(full, paste_masks(masks, boxes, (h, w)))
+    assert np.array_equal(full, paste_masks_full_frame(masks, boxes, (h, w)))
     back = crops_from_full_masks(full)
     assert np.array_equal(back.full(), full)
     assert all(c.shape[0] <= k.shape[0] and c.shape[1] <= k.shape[1] for c, k in zip(back.crops, crops.crops))
@@ -173,3 +204,16 @@ def test_rle_string_worked_example():
     # 0x10|0x20 = 48 + 48 = '`', then -3 & 0x1F = 29 = 'M'. (pycocotools' frPyObjects gives
     # b'03T3O`M' for these counts.)
     assert rle_counts_to_string(np.array([0, 3, 100, 2, 20])) == "03T3O`M"
+
+
+def test_colour_planes_are_filled_grown_and_bounded():
+    from maskrt.runtime import draw
+
+    small = draw.color_plane((1, 2, 3), 4, 5)
+    assert small.shape == (4, 5, 3) and (small == np.array([1, 2, 3], np.uint8)).all()
+    grown = draw.color_plane((1, 2, 3), 9, 3)  # taller, narrower: the kept plane grows to 9x5
+    assert grown.shape == (9, 3, 3) and (grown == np.array([1, 2, 3], np.uint8)).all()
+    for value in range(draw.COLOR_PLANES_KEPT + 10):
+        draw.color_plane((value, 0, 0), 2, 2)
+    assert len(draw._color_planes) == draw.COLOR_PLANES_KEPT
+    assert (draw.COLOR_PLANES_KEPT + 9, 0, 0) in draw._color_planes and (0, 0, 0) not in draw._color_planes

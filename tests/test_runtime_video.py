@@ -223,3 +223,108 @@ def test_ctrl_c_on_the_real_cli_finalises_the_saved_video(tmp_path, fake_model):
     written = int(stdout.strip().splitlines()[-1].split()[1])  # "saved N frames to ..."
     assert 0 < written < 3000
     assert _count_frames(out) == written  # finalised: every written frame can be read back
+
+
+def _frame_numbers(path: Path) -> list[int]:
+    """The frame index each frame of a video carries: its grey level / 20 (see ``video``), read in
+    the bottom-right corner, where neither the digit nor the fake model's overlays reach."""
+    capture = cv2.VideoCapture(str(path))
+    numbers = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        numbers.append(int(round(float(frame[46:, 62:, 0].mean()) / 20.0)))
+    capture.release()
+    return numbers
+
+
+def test_pipelined_loop_keeps_frame_order_counts_drops_and_times_every_stage(tmp_path, fake_model, video):
+    from maskrt.runtime.commands import predictor_stages
+    from maskrt.runtime.video import FrameStages
+
+    predictor = Predictor(fake_model, conf=0.2)
+    stages = predictor_stages(predictor)
+    jitter = np.random.default_rng(0)
+
+    def uneven(fn):  # stages of uneven, random speed: order must not depend on timing
+        def wrapped(*args):
+            time.sleep(float(jitter.uniform(0, 0.01)))
+            return fn(*args)
+        return wrapped
+
+    shaken = FrameStages(uneven(stages.preprocess), uneven(stages.infer), uneven(stages.postprocess),
+                         uneven(stages.draw))
+    source = VideoFileSource(FlakyCapture(video, failing={2, 8}, empty={4}), str(video))
+    out = tmp_path / "ordered.avi"
+    stats = run_loop(source, shaken, sink=FrameSink(str(out), fps=10.0))
+    assert (stats.frames, stats.dropped) == (FRAMES - 3, 3) and not stats.interrupted
+    kept = [i for i in range(FRAMES) if i not in {2, 4, 8}]
+    assert _frame_numbers(out) == kept  # the saved video holds the good frames in their order
+    assert all(len(stats.stage_ms[name]) == FRAMES - 3 for name in ("preprocess", "inference", "postprocess",
+                                                                      "draw", "encode"))
+    assert set(stats.stage_percentiles()) == {"decode", "preprocess", "inference", "postprocess", "draw", "encode"}
+    assert all(latency > 0 for latency in stats.latencies_ms)
+
+
+def test_a_failing_stage_is_raised_after_the_video_is_finalised(tmp_path, video):
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.video import FrameStages
+
+    def infer(prepared):
+        if prepared[0, 0, 0] >= 90:  # frame 5 on (grey level 20 * index, give or take MJPG)
+            raise MaskrtError("the engine failed")
+        return prepared
+
+    stages = FrameStages(lambda frame: frame, infer, lambda frame, prepared, outputs: None,
+                         lambda frame, result: (frame.copy(), ""))
+    out = tmp_path / "partial.avi"
+    with pytest.raises(MaskrtError, match="the engine failed"):
+        run_loop(VideoFileSource(cv2.VideoCapture(str(video)), "clip"), stages, sink=FrameSink(str(out), fps=10.0))
+    assert _frame_numbers(out) == [0, 1, 2, 3, 4]  # finalised, every frame before the failure
+
+
+def test_bench_source_reports_stages_and_the_ratio_to_the_engine(tmp_path, fake_model, capsys):
+    import json
+
+    from maskrt.runtime.commands import write_synthetic_video
+
+    clip = write_synthetic_video(tmp_path / "clip.mp4", 72, 128, frames=6)
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(fake_model), "--source", str(clip), "--draw", "--iters", "4",
+                 "--warmup", "1", "--rounds", "2", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["resolution"] == [72, 128] and figures["draw"] is True and len(figures["rounds"]) == 2
+    assert all(r["frames"] == 4 and r["engine_fps"] > 0 and r["loop_fps"] > 0 for r in figures["rounds"])
+    assert set(figures["stages_ms"]) == {"decode", "preprocess", "inference", "postprocess", "draw", "encode"}
+    assert figures["detections_per_frame"] == 3  # the fake graph keeps 3, bench's default conf is 0.0
+    assert figures["machine"]["cores"] >= 1 and figures["machine"]["cpu"]
+    ratios = [r["loop_fps"] / r["engine_fps"] for r in figures["rounds"]]
+    assert figures["loop_vs_engine"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds
+    assert "loop" in capsys.readouterr().out
+    image = tmp_path / "still.png"
+    cv2.imwrite(str(image), np.full((40, 60, 3), 90, np.uint8))
+    assert main(["bench", "--model", str(fake_model), "--source", str(image), "--iters", "3", "--rounds", "1",
+                 "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["rounds"][0]["frames"] == 3 and "encode" not in figures["stages_ms"]
+
+
+def test_loop_on_a_stalled_camera_stops_at_once():
+    class StalledCamera(DroppingCamera):  # 1 frame, then nothing (failed reads) for 30 s
+        def __init__(self):
+            super().__init__(good=1)
+
+    DroppingCamera.opens = []
+    source = LiveSource(StalledCamera, "stalled camera", failures_before_reopen=10**9, give_up_s=30.0)
+    begin = time.monotonic()
+    stats = run_loop(source, lambda frame: (frame.copy(), ""), max_frames=1)
+    assert stats.frames == 1 and time.monotonic() - begin < 5.0  # not the 30 s give-up, nor a join timeout
+    assert not source._thread.is_alive()
+
+
+def test_bench_draw_without_source_and_bad_rounds_are_one_line_errors(fake_model, capsys):
+    assert main(["bench", "--model", str(fake_model), "--draw"]) == 2
+    assert "--draw needs --source" in capsys.readouterr().err
+    assert main(["bench", "--model", str(fake_model), "--source", "0", "--rounds", "0"]) == 2
+    assert "--rounds must be positive" in capsys.readouterr().err
