@@ -60,6 +60,10 @@ class TritonPredictor:
 
     def __call__(self, bgr: np.ndarray, conf: float | None = None) -> Detections:
         """One BGR uint8 image [h,w,3] -> its Detections (full-frame masks decoded)."""
+        return self.unpack(self.request(bgr), bgr.shape[:2], conf)
+
+    def request(self, bgr: np.ndarray) -> dict[str, np.ndarray]:
+        """Send one BGR image; its item of the contract's outputs (the loop's infer stage)."""
         batch = np.ascontiguousarray(bgr)[None]
         problem = image_problem(batch)
         if problem:
@@ -71,7 +75,7 @@ class TritonPredictor:
                                        outputs=[self._grpc.InferRequestedOutput(n) for n in OUTPUT_NAMES])
         except self._errors as err:
             raise MaskrtError(f"Triton at {self.server}: {err.message().splitlines()[0]}") from None
-        return self.unpack({name: result.as_numpy(name)[0] for name in OUTPUT_NAMES}, bgr.shape[:2], conf)
+        return {name: result.as_numpy(name)[0] for name in OUTPUT_NAMES}
 
     def batch(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
         return [self(image, conf=conf) for image in images]
