@@ -64,7 +64,8 @@ def read_model(model_path: Path) -> tuple[dict[str, str], int | None, bool]:
     try:
         graph = onnx.load(str(model_path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends
-        raise MaskrtError(f"cannot read {model_path} as ONNX: {str(err).splitlines()[0] if str(err) else err}") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MaskrtError(f"cannot read {model_path} as ONNX: {first}") from None
     metadata = {p.key: p.value for p in graph.metadata_props}
     batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0] if graph.graph.input else None
     fixed = int(batch_dim.dim_value) if batch_dim is not None and batch_dim.dim_value > 0 else None
@@ -181,7 +182,8 @@ def repository_readme(kind: str, model_name: str, plugin: str, op_library: str |
             f"--backend-config=tensorrt,plugins={plugin}\"",
             "```",
             "",
-            f"or load the plugin into the whole process: `LD_PRELOAD={plugin} tritonserver --model-repository=/models`.",
+            "or load the plugin into the whole process:",
+            f"`LD_PRELOAD={plugin} tritonserver --model-repository=/models`.",
             "",
             "## Jetson (JetPack 6, Triton's Jetson release tarball)",
             "",

@@ -243,8 +243,8 @@ def test_tensorrt_target_onnx_names_the_ort_op_library(tmp_path):
     from maskrt.export.triton import DEFAULT_ORT_OPS, write_triton_repository
 
     node = helper.make_node("MultilevelRoIAlign", ["images"], ["masks"], domain="maskrt")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 320, 256])],
-                              [helper.make_tensor_value_info("masks", TensorProto.FLOAT, None)])
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 320, 256])
+    graph = helper.make_graph([node], "g", [images], [helper.make_tensor_value_info("masks", TensorProto.FLOAT, None)])
     model = helper.make_model(graph)
     for key, value in _metadata().items():
         model.metadata_props.add(key=key, value=value)

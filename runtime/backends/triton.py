@@ -86,7 +86,6 @@ class TritonPredictor:
         count = int(item["num_dets"][0])
         scores = item["scores"][:count].astype(np.float32)
         keep = np.flatnonzero(scores >= threshold)
+        masks = decode_masks([item["masks_rle"][i] for i in keep], (int(image_size[0]), int(image_size[1])))
         return Detections(boxes=item["boxes"][keep].astype(np.float32), scores=scores[keep],
-                          labels=item["labels"][keep].astype(np.int64),
-                          masks=decode_masks([item["masks_rle"][i] for i in keep], (int(image_size[0]), int(image_size[1]))),
-                          class_names=self.class_names)
+                          labels=item["labels"][keep].astype(np.int64), masks=masks, class_names=self.class_names)
