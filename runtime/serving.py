@@ -283,6 +283,10 @@ def start_tritonserver(repo: Path, workdir: Path, host: str, http_port: int, grp
         f"--metrics-address={host}", f"--metrics-port={metrics_port}",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true",
         f"--backend-config=python,shm-region-prefix-name=maskrt{os.getpid()}-{http_port}",
+        # Start the stub's shared memory at 32 MiB, growing by 32 MiB: a batch of 1080p frames
+        # (6 MB each) then needs no resizing round trips (the default is 1 MiB + 1 MiB steps).
+        f"--backend-config=python,shm-default-byte-size={32 << 20}",
+        f"--backend-config=python,shm-growth-byte-size={32 << 20}",
         f"--log-verbose={1 if verbose else 0}",
     ]
     log = open(log_path, "ab")
