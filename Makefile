@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,test]'
+	$(PY) -m pip install -q -e '.[torch,test,serve]'
+	# Triton for `maskrt serve` (docs/serving.md): the wheel without its numpy<2 pin, and the
+	# NumPy 1 that only its Python-backend stub uses, in a folder of its own.
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(PY) -m pip install -q --no-deps --no-warn-conflicts --upgrade --target $(VENV)/maskrt-triton-site 'numpy==1.26.4'
 	touch $(STAMP)
 
 demo: $(STAMP)

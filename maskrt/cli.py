@@ -77,6 +77,11 @@ def _infer(args: argparse.Namespace) -> int:
     return infer_command(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from maskrt.runtime.serving import serve_command
+    return serve_command(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from maskrt.runtime.commands import bench_command
     return bench_command(args)
@@ -213,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(handler=_convert)
 
     # export
-    ex = _verb(verbs, "export", "export weights to an ONNX graph (portable or TensorRT target)",
+    ex = _verb(verbs, "export", "export weights to an ONNX graph (portable or TensorRT target), or a Triton model repository",
                "maskrt export --weights runs/edge/model.safetensors --input-size 256x256 --out model.onnx\n"
                "maskrt export --weights model_final.pkl --from detectron2 --target tensorrt --precision fp16 "
-               "--input-size 800x1344 --out model_trt.onnx")
-    ex.add_argument("--weights", required=True,
-                    help="maskrt weights (.safetensors), or a torchvision / detectron2 checkpoint with --from")
+               "--input-size 800x1344 --out model_trt.onnx\n"
+               "maskrt export --triton repo --model model.engine")
+    ex.add_argument("--weights",
+                    help="maskrt weights (.safetensors), or a torchvision / detectron2 checkpoint with --from "
+                         "(required unless --triton with --model)")
     ex.add_argument("--from", dest="source", choices=["torchvision", "detectron2"],
                     help="--weights is a torchvision .pth or detectron2 .pkl checkpoint (as `maskrt convert` reads)")
     ex.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"],
@@ -226,11 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                     help="weights and compute of the backbone and heads (default: fp32)")
     ex.add_argument("--calib", help="calibration images folder for int8 (default: calib_data/)")
-    ex.add_argument("--input-size", type=_input_size, required=True, metavar="HxW",
-                    help="graph input size, both multiples of 32, e.g. 512x512 (a single S means SxS)")
+    ex.add_argument("--input-size", type=_input_size, metavar="HxW",
+                    help="graph input size, both multiples of 32, e.g. 512x512 (a single S means SxS); with --weights")
     ex.add_argument("--batch", type=int, default=None,
                     help="fixed batch size (default: dynamic batch)")
-    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--out", help="the .onnx file to write (with --weights)")
+    ex.add_argument("--triton", metavar="REPO",
+                    help="also write a Triton model repository REPO (graph model + 'maskrt' Python model), e.g. "
+                    "`maskrt export --triton repo --model edge.engine`")
+    ex.add_argument("--model", help="with --triton: an existing .onnx or .engine/.plan to put in the repository")
+    ex.add_argument("--graph-backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "python"],
+                    help="with --triton: Triton backend of the graph model (auto: tensorrt for an engine, "
+                    "onnxruntime for ONNX; python: ONNX Runtime in a Python model, for a CPU-only Triton)")
+    ex.add_argument("--max-batch", type=int, default=8, help="with --triton: largest batch of the models (default 8)")
+    ex.add_argument("--conf", type=float, default=0.5, help="with --triton: score threshold of the served detections")
+    ex.add_argument("--plugin", help="with --triton: where the TensorRT plugin library lies on the server "
+                    "(for the README's commands; default /opt/maskrt/lib/libmaskrt_plugins.so)")
     ex.set_defaults(handler=_export)
 
     # build
@@ -265,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # infer
     inf = _verb(verbs, "infer", "real-time inference on a camera, video, stream, image or folder",
-                "maskrt infer --model model.engine --source 0 --show")
-    inf.add_argument("--model", required=True, help=".onnx, or .engine/.plan")
+                "maskrt infer --model model.engine --source 0 --show\n"
+                "maskrt infer --server gpu-box:8001 --source 0 --show")
+    inf.add_argument("--model", help=".onnx, or .engine/.plan (or use --server)")
+    inf.add_argument("--server", metavar="HOST:PORT",
+                     help="send the frames to a Triton server's 'maskrt' model over gRPC instead of running a "
+                     "model here, e.g. `maskrt infer --server gpu-box:8001 --source 0`")
     inf.add_argument("--source", required=True, help="0 | /dev/videoN | file.mp4 | rtsp://... | image | dir")
     inf.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                      help="auto: tensorrt for .engine/.plan, onnxruntime for .onnx")
@@ -310,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print {\"checks\": [{name, status, detail, fix}, ...]} instead of the table")
     do.add_argument("--plugin", help="TensorRT plugin library to check (default $MASKRT_PLUGIN_LIB or build/plugins/)")
     do.set_defaults(handler=_doctor)
+
+    # serve
+    se = _verb(verbs, "serve", "serve a model on Triton Inference Server (HTTP, gRPC, metrics)",
+               "maskrt serve --model edge.onnx --http-port 8000")
+    se.add_argument("--model", required=True, help=".onnx, or .engine/.plan, served as Triton model 'maskrt'")
+    se.add_argument("--host", default="127.0.0.1",
+                    help="address the three endpoints bind to (default 127.0.0.1; 0.0.0.0 for every interface)")
+    se.add_argument("--http-port", type=int, default=8000, help="Triton HTTP/REST port (default 8000)")
+    se.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
+    se.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    se.add_argument("--max-batch", type=int, default=8, help="largest batch the dynamic batcher forms (default 8)")
+    se.add_argument("--instances", type=int, default=1, help="model instances (processes) serving in parallel")
+    se.add_argument("--conf", type=float, default=0.5, help="keep detections with score >= conf (default 0.5)")
+    se.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                    help="what runs the graph inside the server (default: by file suffix)")
+    se.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
+    se.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton to be ready")
+    se.add_argument("--log", help="write Triton's log to this file (default: a temporary file)")
+    se.set_defaults(handler=_serve)
 
     # demo
     de = _verb(verbs, "demo", "synthetic data -> train -> eval -> export -> runtime -> report",

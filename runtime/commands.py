@@ -46,11 +46,30 @@ def predictor_stages(predictor: Predictor, conf: float | None = None) -> FrameSt
         draw=draw)
 
 
+def remote_stages(remote) -> FrameStages:
+    """``maskrt infer --server``'s stages: the frame goes to Triton as it is (infer), the
+    answer becomes Detections (postprocess); drawing as for a local model."""
+
+    def draw(frame: np.ndarray, detections: Detections) -> tuple[np.ndarray, str]:
+        return draw_detections(frame, detections), describe(detections)
+
+    return FrameStages(preprocess=lambda frame: frame, infer=remote.request,
+                       postprocess=lambda frame, prepared, outputs: remote.unpack(outputs, frame.shape[:2]), draw=draw)
+
+
 def infer_command(args: argparse.Namespace) -> int:
     """Run a model on a camera, stream, video, image or folder; overlay, show/save, summarise."""
     if args.max_frames is not None and args.max_frames <= 0:
         raise MaskrtError(f"--max-frames must be positive, got {args.max_frames}")
-    predictor = _predictor_from_args(args, args.conf)
+    if getattr(args, "server", None):
+        if args.model:
+            raise MaskrtError("give --model (run it here) or --server (a Triton server runs it), not both")
+        from maskrt.runtime.backends.triton import TritonPredictor
+        stages = remote_stages(TritonPredictor(args.server, conf=args.conf))
+    elif not args.model:
+        raise MaskrtError("maskrt infer needs --model (or --server HOST:PORT of a Triton server)")
+    else:
+        stages = predictor_stages(_predictor_from_args(args, args.conf))
     if args.show:
         check_display()
     source = open_source(str(args.source))
@@ -69,7 +88,7 @@ def infer_command(args: argparse.Namespace) -> int:
 
     # Per-image lines for stills only; a video or camera prints just its summary.
     on_frame: Callable[[str, str], None] | None = print_still if isinstance(source, ImageSource) else None
-    stats = run_loop(source, predictor_stages(predictor), sink=sink, show=args.show, max_frames=args.max_frames,
+    stats = run_loop(source, stages, sink=sink, show=args.show, max_frames=args.max_frames,
                      on_frame=on_frame)
     print(stats.summary())
     if args.save:

@@ -101,6 +101,18 @@ class Predictor:
         self.backend: Backend = open_backend(model_path, backend, device=device, providers=providers, plugin=plugin)
         self.info: ModelInfo = parse_metadata(self.backend.metadata, str(model_path))
 
+    @classmethod
+    def from_backend(cls, backend: Backend, conf: float = DEFAULT_CONF, source: str = "backend") -> "Predictor":
+        """A Predictor around an already open backend (e.g. Triton's graph model called from the
+        ``maskrt`` Python model, docs/serving.md); ``source`` names it in error messages."""
+        if not 0.0 <= conf <= 1.0:
+            raise MaskrtError(f"conf must be in [0, 1], got {conf}")
+        predictor = cls.__new__(cls)
+        predictor.conf = float(conf)
+        predictor.backend = backend
+        predictor.info = parse_metadata(backend.metadata, source)
+        return predictor
+
     def close(self) -> None:
         """Release the backend's GPU resources (a TensorRT engine's stream, buffers, engine)."""
         close = getattr(self.backend, "close", None)
