@@ -117,7 +117,7 @@ def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float
         # int32 for the kernel; a level outside the maps (fpn_level of a NaN box) becomes -1 first.
         levels = torch.where((levels >= 0) & (levels < count), levels, -1).to(torch.int32).contiguous()
     channels = features[0].shape[1]
-    output = torch.empty((rois.shape[0], channels, pooled[0], pooled[1]), dtype=torch.float32)
+    output = torch.empty((rois.shape[0], channels, pooled[0], pooled[1]), dtype=torch.float32, device=rois.device)
     pointers = (ctypes.c_void_p * count)(*[f.data_ptr() for f in features])
     shapes = (ctypes.c_int64 * (4 * count))(*[v for f in features for v in f.shape])
     strides = (ctypes.c_int64 * (4 * count))(*[v for f in features for v in f.stride()])
