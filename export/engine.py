@@ -129,20 +129,20 @@ def find_plugin_library(explicit: str | None) -> Path | None:
     return runtime_rule(explicit)
 
 
-def load_plugin(builder: Any, library: Path) -> None:
-    """Load the plugin library into the builder's registry; TensorRT's silent None becomes an error."""
-    handle = builder.get_plugin_registry().load_library(str(library))
-    if handle is None:
-        raise MaskrtError(
-            f"TensorRT refused the plugin library {library} (load_library returned None): it must export "
-            "extern \"C\" getCreators and setLoggerFinder and be built against this TensorRT version; "
-            "rebuild it with `maskrt plugin build`")
+def load_plugin(trt: Any, builder: Any, library: Path) -> None:
+    """Load the plugin library into the builder's registry, once per process (the runtime's rule:
+    a library already registered is not loaded again, TensorRT's silent None becomes an error)."""
+    from maskrt.runtime.backends.tensorrt import load_plugin_library
+    load_plugin_library(trt, library, builder.get_plugin_registry())
 
 
-def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None) -> tuple[tuple[int, ...], ...] | None:
+def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None,
+                   dla: bool = False) -> tuple[tuple[int, ...], ...] | None:
     """(min, opt, max) shapes of ``images`` for a dynamic batch; None when the graph fixes the batch.
 
     opt is batch 1 (a camera stream runs one frame at a time); max is --max-batch (default 8).
+    On the DLA (dla=True) min = opt = max = --max-batch (default 1): the DLA runs only fixed shapes,
+    and with GPU fallback a dynamic profile silently puts every layer on the GPU.
     """
     if len(input_shape) != 4 or any(d < 0 for d in input_shape[1:]):
         raise MaskrtError(f"input {INPUT_NAME!r} must be [B,3,H,W] with fixed C, H, W; the graph has {list(input_shape)}")
@@ -152,8 +152,11 @@ def profile_shapes(input_shape: tuple[int, ...], max_batch: int | None) -> tuple
             raise MaskrtError(f"the graph was exported with a fixed batch of {fixed_batch}: --max-batch {max_batch} "
                               "needs a dynamic-batch export (maskrt export without --batch)")
         return None
-    largest = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     rest = tuple(input_shape[1:])
+    if dla:
+        fixed = 1 if max_batch is None else max_batch
+        return (fixed, *rest), (fixed, *rest), (fixed, *rest)
+    largest = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     return (1, *rest), (1, *rest), (largest, *rest)
 
 
@@ -166,13 +169,19 @@ def _parser_errors(parser: Any) -> str:
 
 
 def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_core: int | None,
-                 max_batch: int | None) -> tuple[bytes, dict[str, str]]:
-    """Build a serialized engine; returns (engine bytes, engine_* facts for the sidecar)."""
+                 max_batch: int | None, version_compatible: bool = False,
+                 exclude_lean_runtime: bool = False) -> tuple[bytes, dict[str, str]]:
+    """Build a serialized engine; returns (engine bytes, engine_* facts for the sidecar).
+
+    version_compatible: BuilderFlag.VERSION_COMPATIBLE, required by the lean and dispatch runtimes
+    (they refuse any other engine); exclude_lean_runtime adds EXCLUDE_LEAN_RUNTIME (the engine then
+    runs only where a lean runtime of the same major is installed: tensorrt_lean itself).
+    """
     trt = import_tensorrt_builder()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if plugin is not None:
-        load_plugin(builder, plugin)  # before parsing: the parser looks plugins up by name, version, namespace
+        load_plugin(trt, builder, plugin)  # before parsing: the parser looks plugins up by name, version, namespace
     # STRONGLY_TYPED: required on TensorRT 10.x for graph-decided precision; 11.x is always strongly
     # typed (the flag is accepted there, and if a later release drops it, 0 means the same)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -184,7 +193,7 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     if INPUT_NAME not in inputs:
         raise MaskrtError(f"{onnx_path} has no input named {INPUT_NAME!r} (inputs: {sorted(inputs)})")
-    shapes = profile_shapes(tuple(inputs[INPUT_NAME].shape), max_batch)
+    shapes = profile_shapes(tuple(inputs[INPUT_NAME].shape), max_batch, dla=dla_core is not None)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
@@ -200,6 +209,11 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run (the plugin, fp32) go to the GPU
 
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MaskrtError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
@@ -209,6 +223,8 @@ def build_engine(onnx_path: Path, plugin: Path | None, workspace_mib: int, dla_c
         "engine_max_batch": str(shapes[2][0] if shapes else inputs[INPUT_NAME].shape[0]),
         "engine_workspace_mib": str(workspace_mib),
         "engine_dla_core": "" if dla_core is None else str(dla_core),
+        "engine_version_compatible": "1" if version_compatible else "0",
+        "engine_lean_runtime_excluded": "1" if version_compatible and exclude_lean_runtime else "0",
     }
     return bytes(memoryview(serialized)), facts
 
@@ -227,7 +243,8 @@ def write_sidecar(onnx_path: str | Path, engine_path: str | Path, facts: dict[st
 
 
 def build_command(args: argparse.Namespace) -> int:
-    """`maskrt build --onnx FILE --out FILE.engine [--plugin LIB] [--workspace MB] [--dla N] [--max-batch N]`."""
+    """`maskrt build --onnx FILE --out FILE.engine [--plugin LIB] [--workspace MB] [--dla N] [--max-batch N]
+    [--version-compatible [--exclude-lean-runtime]]`."""
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise MaskrtError(f"ONNX file not found: {onnx_path}")
@@ -237,6 +254,10 @@ def build_command(args: argparse.Namespace) -> int:
         raise MaskrtError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.dla is not None and args.dla < 0:
         raise MaskrtError(f"--dla must be a DLA core index >= 0, got {args.dla}")
+    version_compatible = bool(getattr(args, "version_compatible", False))
+    exclude_lean_runtime = bool(getattr(args, "exclude_lean_runtime", False))
+    if exclude_lean_runtime and not version_compatible:
+        raise MaskrtError("--exclude-lean-runtime applies to version-compatible engines: add --version-compatible")
     summary = read_onnx_summary(onnx_path)
     import_tensorrt_builder()  # before any work: the missing builder is the message to give
     plugin = find_plugin_library(args.plugin)
@@ -247,7 +268,8 @@ def build_command(args: argparse.Namespace) -> int:
         print(f"maskrt: note: {onnx_path} was exported with --target {summary.metadata['target']}; "
               "--target tensorrt is the graph made for TensorRT", file=sys.stderr)
 
-    engine, facts = build_engine(onnx_path, plugin, args.workspace or 2048, args.dla, args.max_batch)
+    engine, facts = build_engine(onnx_path, plugin, args.workspace or 2048, args.dla, args.max_batch,
+                                 version_compatible, exclude_lean_runtime)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(engine)

@@ -156,7 +156,8 @@ def _fpn_levels(flat_rois, k_min: int, k_max: int, canonical_scale: float, canon
     x2 = op.Gather(flat_rois, op.Constant(value_int=2), axis=1)
     y2 = op.Gather(flat_rois, op.Constant(value_int=3), axis=1)
     zero = op.Constant(value_float=0.0)
-    area = op.Mul(op.Max(op.Sub(x2, x1), zero), op.Max(op.Sub(y2, y1), zero))
+    # torchvision's area (x2-x1)*(y2-y1): inverted on both axes is positive; <= 0 is taken as 0.
+    area = op.Max(op.Mul(op.Sub(x2, x1), op.Sub(y2, y1)), zero)
     # log2(x) = ln(x) / ln(2); area 0 gives -inf, which the clamp sends to k_min.
     log2_size = op.Div(op.Log(op.Div(op.Sqrt(area), op.Constant(value_float=float(canonical_scale)))),
                        op.Constant(value_float=_LN2))

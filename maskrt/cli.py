@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--workspace", type=int, default=2048, help="workspace in MiB")
     bu.add_argument("--dla", type=int, default=None, help="DLA core (Jetson), GPU fallback on")
     bu.add_argument("--max-batch", type=int, default=None, help="largest batch of the optimisation profile")
+    bu.add_argument("--version-compatible", action="store_true",
+                    help="build a version-compatible engine (BuilderFlag.VERSION_COMPATIBLE): the only kind the lean "
+                         "runtime (tensorrt_lean) and the dispatch runtime run, and later TensorRT versions of the "
+                         "same major; may run slower")
+    bu.add_argument("--exclude-lean-runtime", action="store_true",
+                    help="with --version-compatible: leave the lean runtime out of the engine (EXCLUDE_LEAN_RUNTIME), "
+                         "for deployments that run it with tensorrt_lean itself")
     bu.set_defaults(handler=_build)
 
     # plugin

@@ -87,6 +87,21 @@ def tensorrt_header_version(include_dir: Path) -> str:
     return ".".join(parts)
 
 
+def plugin_library_tensorrt_major(library: str | Path) -> int | None:
+    """The TensorRT major whose headers libmaskrt_plugins.so was built against (it serves processes of
+    that major only), read from the record the build leaves in the file (without loading it); None
+    for a file without the record (not our plugin, or built before the record existed).
+    """
+    if not Path(library).is_file():
+        return None  # a bare name (dlopen searches for it): TensorRT resolves it, and says if it cannot
+    try:
+        data = Path(library).read_bytes()
+    except OSError as err:
+        raise MaskrtError(f"cannot read the plugin library {library}: {err.strerror}") from None
+    match = re.search(rb"maskrt_plugin_tensorrt_major=(\d+)\0", data)
+    return int(match.group(1)) if match else None
+
+
 def _first_error_line(log: str) -> str:
     for line in log.splitlines():
         if re.search(r"error|Error|ERROR", line):
@@ -163,7 +178,8 @@ def plugin_build_command(args: argparse.Namespace) -> int:
     print(f"built {built.kernel_library} (CUDA archs {built.cuda_archs})")
     if built.plugin_library is not None:
         version = tensorrt_header_version(built.tensorrt_include)  # type: ignore[arg-type]
-        print(f"built {built.plugin_library} against TensorRT {version} headers in {built.tensorrt_include}")
+        print(f"built {built.plugin_library} against TensorRT {version} headers in {built.tensorrt_include}: "
+              f"it serves TensorRT {version.split('.')[0]}.x processes only (build once per major)")
         print(f"use it: trtexec --onnx=model.onnx --dynamicPlugins={built.plugin_library}")
     else:
         print(f"no TensorRT include folder (--tensorrt-include or $TENSORRT_INCLUDE_DIR): built the kernel "

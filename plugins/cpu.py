@@ -29,7 +29,9 @@ from maskrt.errors import MaskrtError
 CPU_SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 CPU_SOURCES = ("MultilevelRoIAlignCpu.cpp", "MultilevelRoIAlignCpu.h")
 LIBRARY_NAME = "libmaskrt_cpu.so"
-COMPILE_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+# -ffp-contract=off: no multiply-add fused into FMA (aarch64 compilers fuse by default), so the twin
+# computes what the kernel (built with --fmad=false) computes, operation for operation.
+COMPILE_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
 
 # The contract's attribute defaults (plugins/multilevel_roi_align.json; a test checks they agree).
 DEFAULT_SPATIAL_SCALES = (0.25, 0.125, 0.0625, 0.03125)

@@ -101,6 +101,18 @@ class Predictor:
         self.backend: Backend = open_backend(model_path, backend, device=device, providers=providers, plugin=plugin)
         self.info: ModelInfo = parse_metadata(self.backend.metadata, str(model_path))
 
+    def close(self) -> None:
+        """Release the backend's GPU resources (a TensorRT engine's stream, buffers, engine)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.info.class_names

@@ -91,6 +91,13 @@ def test_profile_shapes():
         engine.profile_shapes((-1, 3, -1, -1), None)
 
 
+def test_dla_profile_is_a_fixed_batch():
+    """The DLA needs min = opt = max; with GPU fallback a dynamic profile put every layer on the GPU."""
+    assert engine.profile_shapes((-1, 3, 64, 96), None, dla=True) == ((1, 3, 64, 96),) * 3
+    assert engine.profile_shapes((-1, 3, 64, 96), 4, dla=True) == ((4, 3, 64, 96),) * 3
+    assert engine.profile_shapes((2, 3, 64, 96), None, dla=True) is None
+
+
 # ---- a recording stand-in for the tensorrt module -----------------------------------------
 
 class FakeTensorRT(types.ModuleType):
@@ -104,7 +111,8 @@ class FakeTensorRT(types.ModuleType):
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
-        self.BuilderFlag = types.SimpleNamespace(GPU_FALLBACK="GPU_FALLBACK")
+        self.BuilderFlag = types.SimpleNamespace(GPU_FALLBACK="GPU_FALLBACK", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
+                                                 EXCLUDE_LEAN_RUNTIME="EXCLUDE_LEAN_RUNTIME")
 
         class Logger:
             WARNING = "WARNING"
@@ -112,10 +120,20 @@ class FakeTensorRT(types.ModuleType):
             def __init__(self, severity):
                 calls.append(("Logger", severity))
 
+        registered: set = set()
+
         class Registry:
+            """TensorRT's behaviour: load_library returns None when the plugins are already registered."""
+
             def load_library(self, path):
                 calls.append(("load_library", path))
-                return None if refuse_plugin else object()
+                if refuse_plugin or registered:
+                    return None
+                registered.add(("MultilevelRoIAlign", "1", "maskrt"))
+                return object()
+
+            def get_creator(self, name, version, namespace):
+                return object() if (name, version, namespace) in registered else None
 
         class Input:
             name = "images"
@@ -218,7 +236,8 @@ def test_build_calls_the_builder_api_and_writes_engine_and_sidecar(tmp_path, mon
     assert ("load_library", str(plugin_file)) in calls
     assert ("create_network", 1 << 5) in calls  # STRONGLY_TYPED only
     assert ("memory_pool", "WORKSPACE", 1024 << 20) in calls
-    assert ("profile", ("images", (1, 3, 64, 96), (1, 3, 64, 96), (4, 3, 64, 96))) in calls
+    # --dla: min = opt = max (the DLA runs fixed shapes only)
+    assert ("profile", ("images", (4, 3, 64, 96), (4, 3, 64, 96), (4, 3, 64, 96))) in calls
     assert ("config", "default_device_type", "DLA") in calls and ("config", "DLA_core", 1) in calls
     assert ("flag", "GPU_FALLBACK") in calls
     out = tmp_path / "out" / "model.engine"
@@ -226,7 +245,35 @@ def test_build_calls_the_builder_api_and_writes_engine_and_sidecar(tmp_path, mon
     sidecar = json.loads((tmp_path / "out" / "model.engine.json").read_text())
     assert {k: sidecar[k] for k in METADATA} == METADATA
     assert all(isinstance(v, str) for v in sidecar.values())
-    assert sidecar["engine_max_batch"] == "4" and sidecar["engine_tensorrt_version"] == "10.3.0"
+    assert sidecar["engine_max_batch"] == sidecar["engine_min_batch"] == "4"
+    assert sidecar["engine_tensorrt_version"] == "10.3.0" and sidecar["engine_dla_core"] == "1"
+
+
+def test_two_builds_in_one_process_load_the_plugin_once(tmp_path, monkeypatch, plugin_file):
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    write_graph(tmp_path / "model.onnx")
+    assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file))) == 0
+    assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file), out=str(tmp_path / "b.engine"))) == 0
+    assert [c for c in fake.calls if c[0] == "load_library"] == [("load_library", str(plugin_file))]
+
+
+def test_version_compatible_engine_for_the_lean_runtime(tmp_path, monkeypatch, plugin_file):
+    """The lean and dispatch runtimes run only version-compatible engines: --version-compatible sets
+    the builder flag (and --exclude-lean-runtime its companion) and records it in the sidecar."""
+    write_graph(tmp_path / "model.onnx")
+    for extra, flags in (({}, []), ({"version_compatible": True}, ["VERSION_COMPATIBLE"]),
+                         ({"version_compatible": True, "exclude_lean_runtime": True},
+                          ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"])):
+        fake = FakeTensorRT()
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        assert engine.build_command(build_args(tmp_path, plugin=str(plugin_file), **extra)) == 0
+        assert [c[1] for c in fake.calls if c[0] == "flag"] == flags
+        sidecar = json.loads((tmp_path / "out" / "model.engine.json").read_text())
+        assert sidecar["engine_version_compatible"] == ("1" if flags else "0")
+        assert sidecar["engine_lean_runtime_excluded"] == ("1" if len(flags) == 2 else "0")
+    with pytest.raises(MaskrtError, match="--exclude-lean-runtime applies to version-compatible engines"):
+        engine.build_command(build_args(tmp_path, plugin=str(plugin_file), exclude_lean_runtime=True))
 
 
 def test_fixed_batch_graph_gets_no_profile(tmp_path, monkeypatch, plugin_file):

@@ -13,7 +13,7 @@ import pytest
 
 from maskrt.errors import MaskrtError
 from maskrt.plugins import cpu
-from test_plugin_reference import (SEED_EXPECTED, SEED_MAP, SEED_ROI, reference_level,
+from test_plugin_reference import (big_adaptive_roi_case, SEED_EXPECTED, SEED_MAP, SEED_ROI, reference_level,
                                    reference_multilevel_roi_align)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,10 +99,15 @@ def test_float16_is_float32_math_rounded_once():
 def test_roi_levels_follow_the_level_rule():
     sides = np.array([1.0, 111.9, 112.0, 223.9, 224.0, 447.9, 448.0, 5000.0])
     boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], axis=-1)
-    boxes = np.concatenate([boxes, [[5, 5, 5, 9], [9, 9, 1, 1]]])  # zero area, inverted -> finest
+    # zero area, small inverted -> finest; inverted on both axes -> by size (torchvision's area);
+    # inverted on one axis (negative area) -> finest
+    boxes = np.concatenate([boxes, [[5, 5, 5, 9], [9, 9, 1, 1], [400, 400, 100, 100], [400, 100, 100, 400]]])
     got = cpu.roi_levels(boxes)
     assert got.tolist() == [reference_level(b, SCALES) for b in boxes]
-    assert got.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    assert got.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 2, 0]
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import fpn_level
+    assert (fpn_level(torch.tensor(boxes, dtype=torch.float32), 2, 5) - 2).tolist() == got.tolist()
 
 
 def _ort_roi_align(feature: np.ndarray, boxes: np.ndarray, batch_indices: np.ndarray, height: int, width: int,
@@ -255,3 +260,44 @@ def test_non_finite_roi_gives_zeros_and_terminates(sampling_ratio):
                                    output_height=2, output_width=2, sampling_ratio=sampling_ratio)
     assert np.all(out[0, :2] == 0.0)
     assert np.any(out[0, 2] != 0.0)  # the finite RoI is pooled as usual
+
+
+def test_adaptive_grid_is_capped_like_the_contract():
+    """sampling_ratio 0 takes at most 64 samples per bin side (a grid of 100 x 90 here): the CPU twin
+    and the PyTorch graph op equal the float64 reference, which equals a fixed grid of 64."""
+    rois, features = big_adaptive_roi_case()
+    expected = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    got = cpu.multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import multilevel_roi_align
+    with torch.no_grad():
+        ours = multilevel_roi_align(torch.from_numpy(rois), [torch.from_numpy(features[0])], [1.0], 1, 1, 0,
+                                    False, 224.0, 0, "avg").numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["coarsest_first", "swapped_middle", "same_size"])
+def test_feature_maps_out_of_level_order_are_refused(order):
+    """Maps must shrink level by level as spatial_scales say (each half the previous, rounded either
+    way); in another order every RoI pooled silently from the wrong map. CPU twin and PyTorch op."""
+    rois, features = random_case(seed=3)
+    bad = {"coarsest_first": features[::-1], "swapped_middle": [features[0], features[2], features[1], features[3]],
+           "same_size": [features[0]] * 4}[order]
+    with pytest.raises(MaskrtError, match="feature maps must be finest first, each half the previous one"):
+        cpu.multilevel_roi_align(rois, bad, SCALES, 5, 4)
+    torch = pytest.importorskip("torch")
+    from maskrt.model.ops import multilevel_roi_align
+    with pytest.raises(MaskrtError, match="feature maps must be finest first, each half the previous one"):
+        multilevel_roi_align(torch.from_numpy(rois), [torch.from_numpy(f) for f in bad], SCALES, 5, 4, 2, False)
+
+
+def test_odd_map_sizes_rounded_either_way_are_accepted():
+    """A 50 x 75 input's maps: 13x19 -> 7x10 (ceil) or 6x9 (floor) are both half the previous one."""
+    rng = np.random.default_rng(4)
+    rois = np.array([[[1.0, 2.0, 30.0, 40.0]]], np.float32)
+    for sizes in ([(13, 19), (7, 10), (4, 5), (2, 3)], [(13, 19), (6, 9), (3, 4), (1, 2)]):
+        features = [rng.normal(size=(1, 2, h, w)).astype(np.float32) for h, w in sizes]
+        got = cpu.multilevel_roi_align(rois, features, SCALES, 2, 2, 2)
+        expected = reference_multilevel_roi_align(rois, features, SCALES, 2, 2, 2)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 
 
+ADAPTIVE_GRID_MAX = 64  # plugins/README.md: adaptive sampling takes at most 64 samples per bin side
+
+
 def reference_level(box: Sequence[float], spatial_scales: Sequence[float], canonical_scale: float = 224.0,
                     canonical_level: int = 4) -> int:
-    """0-based feature input of one RoI: floor(k0 + log2(sqrt(area)/s0) + 1e-6) clamped."""
+    """0-based feature input of one RoI: floor(k0 + log2(sqrt(area)/s0) + 1e-6) clamped, with
+    area = (x2-x1)*(y2-y1) (torchvision's; inverted on both axes is positive), <= 0 -> finest."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-    k = -math.inf if area == 0 else math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_scale) + 1e-6)
+    area = (x2 - x1) * (y2 - y1)
+    k = -math.inf if not area > 0 else math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_scale) + 1e-6)
     k_min = round(-math.log2(spatial_scales[0]))
     k_max = round(-math.log2(spatial_scales[-1]))
     return int(min(max(k, k_min), k_max)) - k_min
@@ -69,8 +73,11 @@ def reference_multilevel_roi_align(rois: np.ndarray, features: Sequence[np.ndarr
             if not aligned:
                 roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
             bin_w, bin_h = roi_w / output_width, roi_h / output_height
-            grid_h = sampling_ratio if sampling_ratio > 0 else max(math.ceil(roi_h / output_height), 0)
-            grid_w = sampling_ratio if sampling_ratio > 0 else max(math.ceil(roi_w / output_width), 0)
+            # adaptive: ceil(bin size), at most ADAPTIVE_GRID_MAX per side (the contract's cap)
+            grid_h = sampling_ratio if sampling_ratio > 0 else min(max(math.ceil(roi_h / output_height), 0),
+                                                                   ADAPTIVE_GRID_MAX)
+            grid_w = sampling_ratio if sampling_ratio > 0 else min(max(math.ceil(roi_w / output_width), 0),
+                                                                   ADAPTIVE_GRID_MAX)
             for ph in range(output_height):
                 for pw in range(output_width):
                     values = [bilinear_sample(feature_map, y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h,
@@ -105,6 +112,17 @@ def test_reference_level_rule_matches_seed_example_4(side, expected_level):
     assert reference_level([0, 0, side, side], scales) + 2 == expected_level
 
 
+def test_reference_level_rule_for_inverted_rois_is_torchvisions():
+    """torchvision's LevelMapper takes area = (x2-x1)*(y2-y1): a RoI inverted on both axes has a positive
+    area and the level of its size; inverted on one axis the area is negative (torchvision: NaN),
+    which the contract sends to the finest level like area 0."""
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    assert reference_level([400, 400, 100, 100], scales) == 2  # 300 x 300 -> P4
+    assert reference_level([100, 100, 400, 400], scales) == 2
+    assert reference_level([400, 100, 100, 400], scales) == 0  # one axis inverted -> P2
+    assert reference_level([100, 400, 400, 100], scales) == 0
+
+
 def test_reference_max_mode_and_out_of_map_samples():
     # One 2x2 map; a RoI wholly left of x = -1 samples nothing inside: avg and max are both 0.
     feature_map = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
@@ -120,3 +138,25 @@ def test_reference_max_mode_and_out_of_map_samples():
     samples = [2.5, 3.0, 3.5, 4.0]  # (0.5,0.5) -> 2.5, (0.5,1.5) -> 3.0, (1.5,0.5) -> 3.5, (1.5,1.5) -> 4
     assert out_max.item() == pytest.approx(max(samples))
     assert out_avg.item() == pytest.approx(sum(samples) / 4)
+
+
+def big_adaptive_roi_case():
+    """One RoI whose adaptive grid would be 100 x 90 samples per bin (1x1 output, scale 1): above the cap."""
+    rng = np.random.default_rng(7)
+    features = [rng.normal(size=(1, 2, 128, 128)).astype(np.float32)]
+    rois = np.array([[[3.3, 5.1, 103.3, 95.1]]], np.float32)
+    return rois, features
+
+
+def test_reference_caps_the_adaptive_grid():
+    """Contract: sampling_ratio 0 takes min(ceil(bin), 64) samples per side; here that changes the value."""
+    import json
+    from pathlib import Path
+    contract = json.loads((Path(__file__).resolve().parent.parent / "plugins" / "multilevel_roi_align.json").read_text())
+    assert contract["adaptive_grid_max"] == ADAPTIVE_GRID_MAX == 64
+    rois, features = big_adaptive_roi_case()
+    capped = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    by_hand = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 64, canonical_level=0)
+    uncapped_h = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 100, canonical_level=0)
+    np.testing.assert_array_equal(capped, by_hand)
+    assert np.abs(capped - uncapped_h).max() > 1e-4  # the cap is visible in this case

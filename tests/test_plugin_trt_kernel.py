@@ -20,7 +20,7 @@ from maskrt.cli import main as cli_main
 from maskrt.errors import MaskrtError
 from maskrt.plugins import build as plugin_build
 from maskrt.plugins.kernel_lib import KernelLibrary, RoIAlignAttributes
-from test_plugin_reference import reference_level, reference_multilevel_roi_align
+from test_plugin_reference import big_adaptive_roi_case, reference_level, reference_multilevel_roi_align
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACT = json.loads((REPO / "plugins" / "multilevel_roi_align.json").read_text())
@@ -146,16 +146,19 @@ def test_level_mapping_boundaries(kernels):
     """Each level's map holds its level number, so the output names the level each RoI pooled from.
 
     With canonical_scale 224 (anchors.md, PyramidROIAlign's rule): sqrt(area) < 112 -> P2,
-    < 224 -> P3, < 448 -> P4, else P5; area 0 -> P2; inverted boxes have area 0.
+    < 224 -> P3, < 448 -> P4, else P5; area 0 -> P2; inverted on both axes: by size (torchvision's
+    area); inverted on one axis (negative area) -> P2.
     """
     sides = [1.0, 111.5, 112.0, 223.5, 224.0, 447.0, 448.0, 2000.0]
     expected_levels = [0, 0, 1, 1, 2, 2, 3, 3]
     # Centred on the origin: the single sample point is (0, 0), inside every map.
     rois = [[-side / 2, -side / 2, side / 2, side / 2] for side in sides]
     rois += [[5.0, 5.0, 5.0, 90.0], [90.0, 90.0, 10.0, 10.0]]  # zero width, inverted
-    expected_levels += [0, 0]
+    # inverted on both axes (300 x 300 -> P4), on one axis (area < 0 -> P2); samples inside every map
+    rois += [[1.0, 1.0, -299.0, -299.0], [1.0, 1.0, -299.0, 301.0]]
+    expected_levels += [0, 0, 2, 0]
     rois = np.array([rois], np.float32)
-    features = [np.full((1, 1, 32 >> level, 32 >> level), float(level), np.float32) for level in range(4)]
+    features = [np.full((1, 1, 256 >> level, 256 >> level), float(level), np.float32) for level in range(4)]
     got = kernels.host_emulation(rois, features, RoIAlignAttributes(output_height=1, output_width=1,
                                                                     sampling_ratio=1))
     assert [reference_level(box, SCALES) for box in rois[0]] == expected_levels
@@ -275,3 +278,66 @@ def test_a_cache_from_another_nvcc_is_dropped_before_configuring(tmp_path):
     (tmp_path / "CMakeFiles").mkdir()
     plugin_build._forget_other_compiler(tmp_path, "/usr/local/cuda/bin/nvcc")
     assert not cache.exists() and not (tmp_path / "CMakeFiles").exists()
+
+
+def test_kernel_is_compiled_without_multiply_add_contraction(kernels, tmp_path):
+    """nvcc contracts a*b+c into FMA by default (ptxas fuses plain mul.f32/add.f32), the host
+    compilers of the CPU twin and the host emulation do not: fp32 GPU results then drift from the
+    CPU twin beyond the contract's bound. The build compiles the kernel with --fmad=false, which
+    leaves only explicitly rounded (.rn, never fused) float arithmetic in the PTX; the remaining
+    fma.rn.f32 are inside CUDA's own log2f/sqrtf. Compiled here with the build's own command."""
+    import shlex
+    import subprocess
+    commands = json.loads((kernels.path.parent / "compile_commands.json").read_text())
+    entry = next(e for e in commands if e["file"].endswith("MultilevelRoIAlignKernel.cu"))
+    command = shlex.split(entry["command"])
+    assert "--fmad=false" in command and "-Xcompiler=-ffp-contract=off" in command
+    command = command[:command.index("-o")] + ["-o", str(tmp_path / "kernel.ptx")]
+    command = ["-ptx" if part == "-c" else part for part in command]
+    subprocess.run(command, check=True, capture_output=True, cwd=entry.get("directory"), timeout=300)
+    ptx = (tmp_path / "kernel.ptx").read_text()
+    import re
+    assert not re.findall(r"\b(?:mul|add|sub)\.f32\b", ptx), "contractible float arithmetic in the kernel"
+    assert len(re.findall(r"\b(?:mul|add|sub)\.rn\.f32\b", ptx)) > 50
+
+
+def test_fp32_host_emulation_equals_the_cpu_twin_on_the_gpu_checks_case(kernels):
+    """Without contraction the kernel's fp32 arithmetic is the CPU twin's, operation for operation:
+    on the GPU check's own inputs (bench/gpu_kernel.py, smaller) the two agree bit for bit, so the
+    GPU check's 1e-5 bound (plugins/README.md) has only the device's log2f/sqrtf to absorb."""
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from gpu_kernel import random_inputs
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from maskrt.plugins.cpu import multilevel_roi_align as cpu_twin
+    for sampling_ratio in (2, 0):
+        rois, features = random_inputs(2, 128, 8, 800, np.float32, seed=sampling_ratio)
+        ours = kernels.host_emulation(rois, features, RoIAlignAttributes(sampling_ratio=sampling_ratio))
+        theirs = cpu_twin(rois, features, list(SCALES), 7, 7, sampling_ratio)
+        assert np.array_equal(ours, theirs)
+
+
+def test_adaptive_grid_is_capped_like_the_contract(kernels):
+    """At most 64 samples per bin side (was 2^20: up to 2^40 iterations in one GPU thread while
+    TensorRT times the plugin on arbitrary data)."""
+    rois, features = big_adaptive_roi_case()
+    expected = reference_multilevel_roi_align(rois, features, [1.0], 1, 1, 0, canonical_level=0)
+    attrs = RoIAlignAttributes(output_height=1, output_width=1, sampling_ratio=0, spatial_scales=(1.0,),
+                               canonical_level=0)
+    np.testing.assert_allclose(kernels.host_emulation(rois, features, attrs), expected, rtol=0, atol=1e-5)
+    huge = np.array([[[0.0, 0.0, 1e9, 1e9]]], np.float32)  # would be 2^40 samples: now 64 x 64
+    assert np.isfinite(kernels.host_emulation(huge, features, attrs)).all()
+
+
+def test_feature_maps_out_of_level_order_are_refused_by_the_kernel(kernels):
+    """The plugin's enqueue/onShapeChange check (validateMultilevelRoIAlignParams): maps must shrink
+    level by level as spatial_scales say, rounded either way."""
+    attrs = RoIAlignAttributes()
+    finest_first = [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert kernels.check(2, 3, 4, finest_first, attrs) is None
+    assert kernels.check(2, 3, 4, [(13, 19), (7, 10), (3, 5), (2, 2)], attrs) is None  # odd sizes, either rounding
+    for bad in (finest_first[::-1], [(16, 24), (4, 6), (8, 12), (2, 3)], [(16, 24)] * 4, [(16, 24), (8, 24), (4, 6), (2, 3)]):
+        message = kernels.check(2, 3, 4, bad, attrs)
+        assert message is not None and message.startswith("feature maps must be finest first"), (bad, message)

@@ -49,6 +49,17 @@ def test_registry_refusing_a_library_is_a_loud_error():
         trt_backend.load_plugin_library(trt, Path(libm))
 
 
+def test_a_library_built_for_another_tensorrt_major_is_named(tmp_path):
+    """The build records its TensorRT major in the file; a mismatch is named before TensorRT sees it."""
+    library = tmp_path / "libmaskrt_plugins.so"
+    library.write_bytes(b"\x7fELF..." + b"maskrt_plugin_tensorrt_major=10\0" + b"...")
+    registry = types.SimpleNamespace(load_library=lambda path: pytest.fail("must not reach TensorRT"))
+    trt11 = types.SimpleNamespace(__version__="11.4.0.106", get_plugin_registry=lambda: registry)
+    with pytest.raises(MaskrtError, match=r"built against TensorRT 10 headers but this is TensorRT 11\.4\.0\.106.*"
+                                          r"--tensorrt-include <TensorRT 11 include/>"):
+        trt_backend.load_plugin_library(trt11, library)
+
+
 def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"engine")
@@ -62,6 +73,33 @@ def test_engine_without_sidecar_or_cuda_python(tmp_path, monkeypatch):
     for module in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, module, None)  # a machine without cuda-python
     with pytest.raises(MaskrtError, match="cuda-python is not installed"):
+        Predictor(engine)
+
+
+def test_a_driver_older_than_cuda_python_is_named_a_version_mismatch(tmp_path, monkeypatch):
+    """cuda-python 13 on JetPack 6 (CUDA 12.6 driver): cudaErrorInsufficientDriver, named as the
+    version mismatch it is, with the pin to install."""
+    class Err(int):
+        name = "cudaErrorInsufficientDriver"
+
+    class OldDriverCudart(FakeCudart):
+        def cudaSetDevice(self, device):
+            return (Err(35),)
+
+        def cudaDriverGetVersion(self):
+            return 0, 12060
+
+        def cudaRuntimeGetVersion(self):
+            return 0, 13040
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(None))
+    monkeypatch.setattr(trt_backend, "import_cudart", OldDriverCudart)
+    with pytest.raises(MaskrtError, match=r"cudaErrorInsufficientDriver: version mismatch: the installed cuda-python is "
+                                          r"built for CUDA 13\.4, but this NVIDIA driver supports CUDA 12\.6 at most; "
+                                          r"install .*'cuda-python>=12\.6,<13'"):
         Predictor(engine)
 
 
@@ -91,7 +129,9 @@ class FakeCudart:
 
     def __init__(self) -> None:
         self.blocks: dict[int, ctypes.Array] = {}
+        self.pinned: dict[int, ctypes.Array] = {}
         self.copies: list[int] = []
+        self.streams: set[int] = set()
 
     def cudaSetDevice(self, device):
         return (0,)
@@ -105,22 +145,42 @@ class FakeCudart:
         self.blocks.pop(pointer, None)
         return (0,)
 
+    def cudaMallocHost(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.pinned[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFreeHost(self, pointer):
+        self.pinned.pop(pointer, None)
+        return (0,)
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        device = dst if kind == 1 else src
+        device, host = (dst, src) if kind == 1 else (src, dst)
         assert device in self.blocks and nbytes <= len(self.blocks[device]), "copy outside an allocation"
+        assert host in self.pinned and nbytes <= len(self.pinned[host]), "copy from pageable host memory"
+        assert stream in self.streams, "copy on a stream that is not alive"
         ctypes.memmove(dst, src, nbytes)
         self.copies.append(kind)
         return (0,)
 
     def cudaStreamCreate(self):
-        return 0, 1234
+        stream = 1234 + len(self.streams)
+        self.streams.add(stream)
+        return 0, stream
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.discard(stream)
+        return (0,)
 
     def cudaStreamSynchronize(self, stream):
         return (0,)
 
 
-def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
-    """A fake `tensorrt` module whose engine returns `reference_outputs(images)`."""
+def make_fake_trt(reference_outputs, expected_input_dtype=np.float32, module_name="tensorrt",
+                  profile_batches=(1, 1, MAX_BATCH), context_ok=True, refuse_address=None):
+    """A fake `tensorrt` module whose engine returns `reference_outputs(images)`; its optimisation
+    profile accepts batches profile_batches[0] to profile_batches[2] (min, opt, max)."""
+    runtimes: list = []
     DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32", INT8="INT8", BOOL="BOOL",
                                      INT64="INT64")
     dtypes = {"images": "FLOAT", "num_dets": "INT32", "boxes": "FLOAT", "scores": "FLOAT", "labels": "INT32",
@@ -133,7 +193,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
 
         def set_input_shape(self, name, shape):
             self.shapes[name] = tuple(shape)
-            return shape[1:] == (3, 128, 128) and 1 <= shape[0] <= MAX_BATCH
+            return shape[1:] == (3, 128, 128) and profile_batches[0] <= shape[0] <= profile_batches[2]
 
         def get_tensor_shape(self, name):
             batch = self.shapes["images"][0]
@@ -142,6 +202,7 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
 
         def set_tensor_address(self, name, pointer):
             self.addresses[name] = pointer
+            return name != refuse_address
 
         def execute_async_v3(self, stream):
             shape = self.shapes["images"]
@@ -166,23 +227,35 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
             return (-1, 3, 128, 128) if name == "images" else (-1,)
 
         def get_tensor_profile_shape(self, name, profile):
-            return [(1, 3, 128, 128), (1, 3, 128, 128), (MAX_BATCH, 3, 128, 128)]
+            return [(batch, 3, 128, 128) for batch in profile_batches]
 
         def create_execution_context(self):
-            return Context()
+            return Context() if context_ok else None
 
     class Registry:
+        """TensorRT's behaviour: load_library returns None when the plugins are already registered."""
         loaded: list[str] = []
+        creators: set[tuple[str, str, str]] = set()
 
         def load_library(self, path):
             Registry.loaded.append(path)
+            if trt_backend.PLUGIN_CREATOR in Registry.creators:
+                return None
+            Registry.creators.add(trt_backend.PLUGIN_CREATOR)
             return object()
 
+        def get_creator(self, name, version, namespace):
+            return object() if (name, version, namespace) in Registry.creators else None
+
     class Runtime:
+        engine_host_code_allowed = False
+        DLA_core = -1
+
         def __init__(self, logger):
-            pass
+            runtimes.append(self)
 
         def deserialize_cuda_engine(self, data):
+            self.dla_core_at_deserialisation = self.DLA_core
             return Engine() if data == b"good engine" else None
 
     class Logger:
@@ -192,8 +265,9 @@ def make_fake_trt(reference_outputs, expected_input_dtype=np.float32):
             pass
 
     registry = Registry()
-    return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger,
-                                 get_plugin_registry=lambda: registry, registry=registry)
+    return types.SimpleNamespace(DataType=DataType, Runtime=Runtime, Logger=Logger, __version__="10.3.0",
+                                 __name__=module_name, get_plugin_registry=lambda: registry, registry=registry,
+                                 runtimes=runtimes)
 
 
 def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
@@ -224,8 +298,112 @@ def test_tensorrt_backend_runs_like_onnxruntime(tmp_path, monkeypatch):
     for ours, theirs in zip(predictor.batch(five), reference.batch(five)):
         np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
 
+    # A second Predictor on the same engine in the same process: the library is not loaded again
+    # (TensorRT's load_library would return None for plugins already registered).
+    second = Predictor(engine, conf=0.0, plugin=str(plugin))
+    assert fake_trt.registry.loaded == [str(plugin)]
+    assert len(second.batch(images[:1])) == 1
+
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"engine for another TensorRT")
     (tmp_path / "bad.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
     with pytest.raises(MaskrtError, match="could not deserialise"):
         Predictor(bad, plugin=str(plugin))
+
+
+def test_lean_runtime_names_a_missing_version_compatible_build(tmp_path, monkeypatch):
+    """tensorrt_lean runs only version-compatible engines: a refused engine says so, not 'wrong version'."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine for another TensorRT")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    fake_lean = make_fake_trt(None, module_name="tensorrt_lean")
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_lean)
+    monkeypatch.setattr(trt_backend, "import_cudart", FakeCudart)
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    with pytest.raises(MaskrtError, match=r"tensorrt_lean runs only version-compatible engines .* "
+                                          r"`maskrt build --version-compatible`"):
+        Predictor(engine, plugin=str(plugin))
+    assert fake_lean.runtimes[-1].engine_host_code_allowed is False
+    # A version-compatible engine carrying the lean runtime is host code: allowed for it only.
+    (tmp_path / "m.engine.json").write_text(json.dumps({**fake_metadata((128, 128)), "engine_version_compatible": "1",
+                                                        "engine_lean_runtime_excluded": "0"}))
+    with pytest.raises(MaskrtError, match="could not deserialise"):
+        Predictor(engine, plugin=str(plugin))
+    assert fake_lean.runtimes[-1].engine_host_code_allowed is True
+
+
+def test_the_real_lean_module_is_recognised():
+    trt = pytest.importorskip("tensorrt_lean")
+    assert trt_backend.is_lean_or_dispatch(trt)
+    message = trt_backend.deserialise_failure(trt, Path("m.engine"), None, version_compatible=False)
+    assert "runs only version-compatible engines" in message
+
+
+@pytest.mark.parametrize("profile_batches", [(2, 2, 2), (2, 2, 3)])
+def test_engine_whose_profile_minimum_is_above_one(tmp_path, monkeypatch, profile_batches):
+    """A DLA engine (min = opt = max) is a fixed batch; any engine gets batches below its profile's
+    minimum padded (copies of the last image) and only the real rows back. Its DLA core is applied
+    before deserialising."""
+    onnx_model = standard_fake(tmp_path / "m.onnx", box_shift_per_mean=10.0)
+    reference = Predictor(onnx_model, conf=0.0)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps({**fake_metadata((128, 128)), "engine_dla_core": "1"}))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_trt = make_fake_trt(reference.backend.run, profile_batches=profile_batches)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_backend, "import_cudart", FakeCudart)
+    predictor = Predictor(engine, conf=0.0, plugin=str(plugin))
+    assert fake_trt.runtimes[-1].dla_core_at_deserialisation == 1
+    fixed = profile_batches[0] == profile_batches[2]
+    assert predictor.backend.fixed_batch == (2 if fixed else None)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (60 + 9 * i, 80, 3), dtype=np.uint8) for i in range(3)]
+    for count in (1, 3):
+        for ours, theirs in zip(predictor.batch(images[:count]), reference.batch(images[:count]), strict=True):
+            np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-5)
+            assert np.array_equal(ours.masks, theirs.masks)
+
+
+def test_close_releases_stream_and_buffers_and_copies_use_pinned_memory(tmp_path, monkeypatch):
+    onnx_model = standard_fake(tmp_path / "m.onnx", box_shift_per_mean=10.0)
+    reference = Predictor(onnx_model, conf=0.0)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_cudart = FakeCudart()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(reference.backend.run))
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: fake_cudart)
+    image = np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    with Predictor(engine, conf=0.0, plugin=str(plugin)) as predictor:
+        first = predictor(image)
+        second = predictor(image)  # results are copies: the next run does not overwrite the first
+        np.testing.assert_array_equal(first.boxes, second.boxes)
+        np.testing.assert_allclose(first.boxes, reference(image).boxes, atol=1e-5)
+        assert fake_cudart.streams and fake_cudart.blocks and fake_cudart.pinned
+    assert not fake_cudart.streams and not fake_cudart.blocks and not fake_cudart.pinned
+    predictor.close()  # idempotent
+    with pytest.raises(MaskrtError, match="is closed"):
+        predictor(image)
+
+
+@pytest.mark.parametrize("problem, message", [
+    (dict(context_ok=False), "could not create an execution context"),
+    (dict(refuse_address="masks"), "refused the address of tensor 'masks'"),
+])
+def test_tensorrt_calls_that_fail_are_one_line_errors(tmp_path, monkeypatch, problem, message):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"good engine")
+    (tmp_path / "m.engine.json").write_text(json.dumps(fake_metadata((128, 128))))
+    plugin = tmp_path / "libmaskrt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    fake_cudart = FakeCudart()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: make_fake_trt(lambda images: {}, **problem))
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: fake_cudart)
+    with pytest.raises(MaskrtError, match=message):
+        predictor = Predictor(engine, plugin=str(plugin))
+        predictor.infer(np.zeros((1, 3, 128, 128), np.float32))

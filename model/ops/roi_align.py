@@ -32,6 +32,10 @@ from maskrt.errors import MaskrtError
 # stay near the caches measured ~25% faster on CPU than 32 MiB ones (bench/ops.py).
 _GATHER_BUDGET = 1 << 20
 
+# Adaptive sampling (sampling_ratio 0) takes at most this many samples per bin side: the
+# MultilevelRoIAlign contract's cap (plugins/README.md), the same in every implementation.
+ADAPTIVE_GRID_MAX = 64
+
 # avg RoIs whose window of cells is well below their tap count use the window form
 # (tests switch it off to check both forms against the same references).
 _WINDOW_FORM = True
@@ -255,8 +259,9 @@ def _sample_plans(
         grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
         grid_w = grid_h
     else:
-        grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0).long()
-        grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0).long()
+        # at most ADAPTIVE_GRID_MAX per side (the MultilevelRoIAlign contract's cap; torchvision has none)
+        grid_h = torch.ceil(torch.nan_to_num(roi_h / ph, nan=0.0)).clamp(min=0, max=ADAPTIVE_GRID_MAX).long()
+        grid_w = torch.ceil(torch.nan_to_num(roi_w / pw, nan=0.0)).clamp(min=0, max=ADAPTIVE_GRID_MAX).long()
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
     taps = ph * pw * grid_h.clamp(min=1) * grid_w.clamp(min=1) * 4
     # Cells a window spans: the RoI's extent plus the bilinear neighbours, within the map.
@@ -566,14 +571,15 @@ def fpn_level(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 22
     """FPN level of each box (torchvision's LevelMapper, eq. 1 of the FPN paper). boxes [..., 4] -> int64 [...].
 
     k = floor(canonical_level + log2(sqrt(area)/canonical_scale) + 1e-6), clamped to
-    [k_min, k_max]; area = max(w,0)*max(h,0), so empty and inverted boxes go to k_min.
+    [k_min, k_max]; area = (x2-x1)*(y2-y1) as torchvision's (a box inverted on both axes has a
+    positive area), and an area <= 0 or NaN goes to k_min (plugins/README.md).
     """
     if boxes.shape[-1] != 4:
         raise MaskrtError(f"fpn_level boxes must be [..., 4] xyxy, got {tuple(boxes.shape)}")
     boxes = boxes.detach()
     if boxes.dtype not in (torch.float32, torch.float64):
         boxes = boxes.float()
-    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    area = torch.nan_to_num((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), nan=0.0).clamp(min=0)
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + 1e-6)
     return level.clamp(min=k_min, max=k_max).to(torch.int64)
 
@@ -678,6 +684,14 @@ def _check_features(rois: Tensor, features: Sequence[Tensor], spatial_scales: Se
             raise MaskrtError(
                 f"feature maps must be [B,C,H_l,W_l] with the rois' B={rois.shape[0]} and one C, got "
                 f"{[tuple(f.shape) for f in features]}"
+            )
+    # Level order (the contract): each map half the previous one, rounded either way, finest first.
+    # Maps in another order would pool silently from the wrong level.
+    for previous, feature in zip(features, features[1:]):
+        if any(abs(2 * int(feature.shape[d]) - int(previous.shape[d])) > 1 for d in (2, 3)):
+            raise MaskrtError(
+                f"feature maps must be finest first, each half the previous one (as spatial_scales "
+                f"{list(spatial_scales)}): got H x W {[tuple(f.shape[2:]) for f in features]}"
             )
 
 

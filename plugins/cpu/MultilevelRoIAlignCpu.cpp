@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -16,6 +17,8 @@
 namespace {
 
 constexpr int32_t kMaxLevels = 5;
+// Adaptive sampling takes at most this many samples per bin side (the contract's cap).
+constexpr int64_t kAdaptiveGridMax = 64;
 
 // ---- IEEE binary16 <-> float32, round to nearest even (no dependency on compiler _Float16) ----
 
@@ -126,13 +129,13 @@ void sample_axis(float start, float bin_size, int32_t bins, int64_t grid, int64_
   }
 }
 
-// Samples per bin side: fixed, or adaptive ceil(roi_size / bins). A NaN or negative size gives 0
-// samples (torchvision would give a bin of 0 too: no sample runs).
+// Samples per bin side: fixed, or adaptive min(ceil(roi_size / bins), kAdaptiveGridMax). A NaN or
+// negative size gives 0 samples (torchvision would give a bin of 0 too: no sample runs).
 int64_t grid_size(int32_t sampling_ratio, float roi_size, int32_t bins) {
   if (sampling_ratio > 0) return sampling_ratio;
   const float adaptive = std::ceil(roi_size / static_cast<float>(bins));
   if (!(adaptive >= 0.0f)) return 0;
-  if (adaptive > 1.0e6f) return 1000000;  // keeps the float -> int64 conversion defined for huge RoIs
+  if (adaptive > static_cast<float>(kAdaptiveGridMax)) return kAdaptiveGridMax;
   return static_cast<int64_t>(adaptive);
 }
 
@@ -253,15 +256,18 @@ extern "C" const char* maskrt_cpu_error_string(int code) {
     case MASKRT_CPU_BAD_ATTRIBUTE: return "aligned and mode must be 0 or 1, canonical_scale > 0";
     case MASKRT_CPU_BAD_DTYPE: return "dtype must be 0 (float32) or 1 (float16)";
     case MASKRT_CPU_OUT_OF_MEMORY: return "out of memory";
+    case MASKRT_CPU_BAD_LEVEL_ORDER:
+      return "feature maps must be finest first, each half the previous one in H and W (rounded either way), "
+             "as spatial_scales say";
     default: return "unknown error code";
   }
 }
 
 extern "C" int32_t maskrt_cpu_roi_level(float x1, float y1, float x2, float y2, const float* spatial_scales,
                                         int32_t num_levels, float canonical_scale, int32_t canonical_level) {
-  const float width = (x2 - x1) > 0.0f ? (x2 - x1) : 0.0f;  // NaN -> 0 too
-  const float height = (y2 - y1) > 0.0f ? (y2 - y1) : 0.0f;
-  const float area = width * height;
+  // torchvision's area (x2-x1)*(y2-y1): inverted on both axes is positive; <= 0 or NaN -> 0 (-> k_min)
+  const float signed_area = (x2 - x1) * (y2 - y1);
+  const float area = signed_area > 0.0f ? signed_area : 0.0f;
   // torchvision LevelMapper in float32: floor(k0 + log2(sqrt(area) / s0) + eps); area 0 -> -inf
   const float k = std::floor(static_cast<float>(canonical_level) + std::log2(std::sqrt(area) / canonical_scale) +
                              1e-6f);
@@ -292,6 +298,12 @@ extern "C" int maskrt_multilevel_roi_align_cpu(const void* rois, const void* con
   }
   for (int32_t level = 0; level < num_levels; ++level) {
     if (heights[level] < 1 || widths[level] < 1) return MASKRT_CPU_BAD_SHAPE;
+  }
+  // Level order: each map half the previous one (rounded either way), finest first, as the scales say.
+  for (int32_t level = 1; level < num_levels; ++level) {
+    if (std::llabs(2 * heights[level] - heights[level - 1]) > 1 || std::llabs(2 * widths[level] - widths[level - 1]) > 1) {
+      return MASKRT_CPU_BAD_LEVEL_ORDER;
+    }
   }
   if (output_height < 1 || output_width < 1) return MASKRT_CPU_BAD_OUTPUT_SIZE;
   if (const int status = validate_scales(spatial_scales, num_levels); status != MASKRT_CPU_OK) return status;

@@ -27,7 +27,8 @@ enum MaskrtCpuStatus {
   MASKRT_CPU_BAD_SCALES = 4,        /* spatial_scales not positive powers of two halving per level */
   MASKRT_CPU_BAD_ATTRIBUTE = 5,     /* aligned or mode not 0/1, canonical_scale <= 0 */
   MASKRT_CPU_BAD_DTYPE = 6,         /* dtype not MASKRT_CPU_FLOAT32 / MASKRT_CPU_FLOAT16 */
-  MASKRT_CPU_OUT_OF_MEMORY = 7
+  MASKRT_CPU_OUT_OF_MEMORY = 7,
+  MASKRT_CPU_BAD_LEVEL_ORDER = 8    /* a map is not half the previous one in H or W (rounded either way) */
 };
 
 /* Element type of every tensor of one call (rois, features and output share it). */

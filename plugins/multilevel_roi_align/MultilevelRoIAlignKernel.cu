@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 namespace maskrt
 {
@@ -85,6 +86,15 @@ char const* validateMultilevelRoIAlignParams(MultilevelRoIAlignParams const& par
         if (params.heights[level] < 0 || params.widths[level] < 0)
         {
             return "feature map sizes must be >= 0";
+        }
+        // Level order: each map half the previous one (rounded either way), as the scales say.
+        // Maps in another order would pool silently from the wrong level.
+        if (level > 0
+            && (std::abs(2 * static_cast<int64_t>(params.heights[level]) - params.heights[level - 1]) > 1
+                || std::abs(2 * static_cast<int64_t>(params.widths[level]) - params.widths[level - 1]) > 1))
+        {
+            return "feature maps must be finest first, each half the previous one in H and W (rounded either way), "
+                   "as spatial_scales say";
         }
     }
     if (params.firstLevel != static_cast<int32_t>(std::lround(-std::log2(params.spatialScales[0]))))

@@ -53,15 +53,14 @@ MASKRT_HOST_DEVICE void storeFloat(__half* destination, float value)
 }
 
 //! Index into the feature inputs (0..L-1) of the RoI (x1, y1, x2, y2): torchvision's LevelMapper,
-//! k = floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to [k_min, k_max], minus k_min.
-//! Area 0 gives log2(0) = -inf, clamped to k_min; a NaN coordinate also lands on k_min
-//! (fmaxf returns the non-NaN operand) instead of indexing out of range.
+//! k = floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to [k_min, k_max], minus k_min, with
+//! torchvision's area (x2-x1)*(y2-y1): a RoI inverted on both axes has a positive area and a level
+//! by its size. An area <= 0 (zero or one-axis-inverted; torchvision: NaN) is taken as 0, and
+//! log2(0) = -inf clamps to k_min; a NaN area also (fmaxf returns the non-NaN operand).
 MASKRT_HOST_DEVICE int32_t roiLevelIndex(
     float x1, float y1, float x2, float y2, MultilevelRoIAlignParams const& params)
 {
-    float const width = fmaxf(x2 - x1, 0.F);
-    float const height = fmaxf(y2 - y1, 0.F);
-    float const area = width * height;
+    float const area = fmaxf((x2 - x1) * (y2 - y1), 0.F);
     float const level
         = floorf(static_cast<float>(params.canonicalLevel) + log2f(sqrtf(area) / params.canonicalScale) + 1e-6F);
     float const minLevel = static_cast<float>(params.firstLevel);
@@ -121,12 +120,12 @@ MASKRT_HOST_DEVICE float bilinearSample(T const* __restrict__ plane, int32_t hei
     return w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4;
 }
 
-//! Adaptive sample count along one side: ceil(bin size). A bin of size <= 0 or NaN has no samples
-//! (torchvision gets 0 there too, through an empty loop); the cap only keeps the float-to-int
-//! conversion defined for absurd RoIs (a grid that large would not finish anyway).
+//! Adaptive sample count along one side: min(ceil(bin size), kAdaptiveGridMax). A bin of size <= 0
+//! or NaN has no samples (torchvision gets 0 there too, through an empty loop). The cap is the
+//! contract's: it bounds the work of one output (TensorRT times the plugin on arbitrary data).
 MASKRT_HOST_DEVICE int32_t adaptiveGrid(float binSize)
 {
-    return binSize > 0.F ? static_cast<int32_t>(fminf(ceilf(binSize), 1048576.F)) : 0;
+    return binSize > 0.F ? static_cast<int32_t>(fminf(ceilf(binSize), static_cast<float>(kAdaptiveGridMax))) : 0;
 }
 
 //! The value of output element `index` of the [B, R, C, outputHeight, outputWidth] output,
@@ -198,7 +197,7 @@ MASKRT_HOST_DEVICE float poolOutputElement(MultilevelRoIAlignParams const& param
     {
         return hasSamples ? maximum : 0.F;
     }
-    int32_t const count = hasSamples ? gridH * gridW : 1;
+    int64_t const count = hasSamples ? static_cast<int64_t>(gridH) * gridW : 1;
     return sum / static_cast<float>(count);
 }
 

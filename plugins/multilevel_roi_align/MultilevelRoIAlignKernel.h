@@ -17,6 +17,9 @@ namespace maskrt
 
 //! The most feature levels one op pools from (P2..P6).
 constexpr int32_t kMaxFeatureLevels = 5;
+//! Adaptive sampling (sampling_ratio 0) takes at most this many samples per bin side (contract:
+//! plugins/README.md). Bounds the work per output: TensorRT times the plugin on arbitrary data.
+constexpr int32_t kAdaptiveGridMax = 64;
 
 //! Everything the kernel needs besides the pointers; plain data, passed to the kernel by value.
 struct MultilevelRoIAlignParams

@@ -5,17 +5,103 @@
 // the given stream), so creating the plugin in either phase works without a GPU.
 #include "MultilevelRoIAlignPlugin.h"
 
+#include <NvInferVersion.h>
+
+#include <dlfcn.h>
+#include <link.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 
 using namespace nvinfer1;
 
 namespace
 {
+
+// ---- which TensorRT this library serves ------------------------------------------------------
+// TensorRT 11 made ILoggerFinder and ILogger derive from IVersionedInterface, which moved
+// findLogger() and ILogger::log in their vtables: a library built with one major's headers
+// must not call the logger of a process running the other major (10.x headers in an 11 process:
+// messages lost; 11.x headers in a 10 process: a crash on the first logged message). So one
+// build serves one major, recorded here, and a process of another major is refused.
+constexpr int32_t kBuiltForTensorRTMajor = NV_TENSORRT_MAJOR;
+#define MASKRT_STRINGIFY_VALUE(x) #x
+#define MASKRT_STRINGIFY(x) MASKRT_STRINGIFY_VALUE(x)
+// The same record as bytes in the file, so that tools read it without loading the library.
+__attribute__((used)) char const kBuildRecord[] = "maskrt_plugin_tensorrt_major=" MASKRT_STRINGIFY(NV_TENSORRT_MAJOR);
+
+using MajorVersionFunction = int32_t (*)();
+
+//! Finds getInferLibMajorVersion in a TensorRT library already loaded by the process (libnvinfer,
+//! libnvinfer_lean or libnvinfer_dispatch; Python loads them RTLD_LOCAL, so look them up by name).
+int findLoadedTensorRTLibrary(dl_phdr_info* info, size_t /*size*/, void* result)
+{
+    char const* path = info->dlpi_name;
+    if (path == nullptr || *path == '\0')
+    {
+        return 0;
+    }
+    std::string const name = std::string(path).substr(std::string(path).find_last_of('/') + 1);
+    bool const isRuntime = name.rfind("libnvinfer.so", 0) == 0 || name.rfind("libnvinfer_lean.so", 0) == 0
+        || name.rfind("libnvinfer_dispatch.so", 0) == 0;
+    if (!isRuntime)
+    {
+        return 0;
+    }
+    void* handle = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == nullptr)
+    {
+        return 0;
+    }
+    auto function = reinterpret_cast<MajorVersionFunction>(dlsym(handle, "getInferLibMajorVersion"));
+    if (function != nullptr)
+    {
+        *static_cast<int32_t*>(result) = function();
+    }
+    dlclose(handle);
+    return function != nullptr ? 1 : 0;
+}
+
+//! The TensorRT major version of the process that loaded this library; -1 when no TensorRT
+//! library is loaded (a harness that drives the interfaces itself: trusted).
+int32_t hostTensorRTMajor() noexcept
+{
+    auto global = reinterpret_cast<MajorVersionFunction>(dlsym(RTLD_DEFAULT, "getInferLibMajorVersion"));
+    if (global != nullptr)
+    {
+        return global();
+    }
+    int32_t major = -1;
+    dl_iterate_phdr(findLoadedTensorRTLibrary, &major);
+    return major;
+}
+
+//! Whether this process runs the TensorRT major this library was built for. Says why not, on
+//! stderr (the process's logger is the very interface that cannot be called), once.
+bool hostMatchesBuild() noexcept
+{
+    static int32_t const hostMajor = hostTensorRTMajor();
+    if (hostMajor < 0 || hostMajor == kBuiltForTensorRTMajor)
+    {
+        return true;
+    }
+    static bool const reported = [] {
+        std::fprintf(stderr,
+            "maskrt::MultilevelRoIAlign: this libmaskrt_plugins.so was built against TensorRT %d headers but the "
+            "process runs TensorRT %d (the logger interfaces differ between majors): not registering the plugin. "
+            "Rebuild it with `maskrt plugin build --tensorrt-include <TensorRT %d include/>`.\n",
+            kBuiltForTensorRTMajor, hostMajor, hostMajor);
+        return true;
+    }();
+    (void) reported;
+    return false;
+}
 
 // ---- logging through the logger TensorRT hands us ----------------------------------------
 std::mutex gLoggerMutex;
@@ -255,6 +341,10 @@ IPluginCapability* MultilevelRoIAlignPlugin::getCapabilityInterface(PluginCapabi
     {
         logException("getCapabilityInterface", error);
     }
+    catch (...)
+    {
+        logError(std::string("getCapabilityInterface: unknown exception"));
+    }
     return nullptr;
 }
 
@@ -267,6 +357,10 @@ IPluginV3* MultilevelRoIAlignPlugin::clone() noexcept
     catch (std::exception const& error)
     {
         logException("clone", error);
+    }
+    catch (...)
+    {
+        logError(std::string("clone: unknown exception"));
     }
     return nullptr;
 }
@@ -314,6 +408,10 @@ int32_t MultilevelRoIAlignPlugin::getOutputDataTypes(
     {
         logException("getOutputDataTypes", error);
     }
+    catch (...)
+    {
+        logError(std::string("getOutputDataTypes: unknown exception"));
+    }
     return -1;
 }
 
@@ -355,6 +453,10 @@ int32_t MultilevelRoIAlignPlugin::getOutputShapes(DimsExprs const* inputs, int32
     {
         logException("getOutputShapes", error);
     }
+    catch (...)
+    {
+        logError(std::string("getOutputShapes: unknown exception"));
+    }
     return -1;
 }
 
@@ -382,6 +484,10 @@ bool MultilevelRoIAlignPlugin::supportsFormatCombination(
     catch (std::exception const& error)
     {
         logException("supportsFormatCombination", error);
+    }
+    catch (...)
+    {
+        logError(std::string("supportsFormatCombination: unknown exception"));
     }
     return false;
 }
@@ -419,12 +525,28 @@ int32_t MultilevelRoIAlignPlugin::configurePlugin(
                 logError("feature input " + std::to_string(i) + " must share B with the rois and C with input 1");
                 return -1;
             }
+            // Level order, where both sizes are known at build time (else checked in onShapeChange).
+            Dims const& previous = in[i - 1].desc.dims;
+            for (int32_t axis = 2; i > 1 && axis < 4; ++axis)
+            {
+                if (features.d[axis] != -1 && previous.d[axis] != -1
+                    && std::abs(2 * features.d[axis] - previous.d[axis]) > 1)
+                {
+                    logError("feature maps must be finest first, each half the previous one in H and W (rounded "
+                             "either way), as spatial_scales say: input " + std::to_string(i) + " is not");
+                    return -1;
+                }
+            }
         }
         return 0;
     }
     catch (std::exception const& error)
     {
         logException("configurePlugin", error);
+    }
+    catch (...)
+    {
+        logError(std::string("configurePlugin: unknown exception"));
     }
     return -1;
 }
@@ -484,6 +606,10 @@ bool MultilevelRoIAlignPlugin::paramsForShapes(
     {
         logException("paramsForShapes", error);
     }
+    catch (...)
+    {
+        logError(std::string("paramsForShapes: unknown exception"));
+    }
     return false;
 }
 
@@ -498,6 +624,10 @@ int32_t MultilevelRoIAlignPlugin::onShapeChange(
     catch (std::exception const& error)
     {
         logException("onShapeChange", error);
+    }
+    catch (...)
+    {
+        logError(std::string("onShapeChange: unknown exception"));
     }
     return -1;
 }
@@ -551,6 +681,10 @@ int32_t MultilevelRoIAlignPlugin::enqueue(PluginTensorDesc const* inputDesc, Plu
     {
         logException("enqueue", error);
     }
+    catch (...)
+    {
+        logError(std::string("enqueue: unknown exception"));
+    }
     return -1;
 }
 
@@ -581,6 +715,10 @@ PluginFieldCollection const* MultilevelRoIAlignPlugin::getFieldsToSerialize() no
     catch (std::exception const& error)
     {
         logException("getFieldsToSerialize", error);
+    }
+    catch (...)
+    {
+        logError(std::string("getFieldsToSerialize: unknown exception"));
     }
     return nullptr;
 }
@@ -654,23 +792,37 @@ IPluginV3* MultilevelRoIAlignPluginCreator::createPlugin(
 
 // ---- library entry points ------------------------------------------------------------------------
 
+//! TensorRT calls this once per TensorRT library that loads the plugin (builder, runtime): the
+//! first non-null finder is kept. A process of another TensorRT major gets no finder stored.
 extern "C" void setLoggerFinder(ILoggerFinder* finder)
 {
     try
     {
+        if (finder == nullptr || !hostMatchesBuild())
+        {
+            return;
+        }
         std::lock_guard<std::mutex> lock(gLoggerMutex);
-        gLoggerFinder = finder;
+        if (gLoggerFinder == nullptr)
+        {
+            gLoggerFinder = finder;
+        }
     }
     catch (...)
     {
     }
 }
 
+//! No creators for a process of another TensorRT major (see hostMatchesBuild).
 extern "C" IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     nbCreators = 0;
     try
     {
+        if (!hostMatchesBuild())
+        {
+            return nullptr;
+        }
         static maskrt::MultilevelRoIAlignPluginCreator creator;
         static IPluginCreatorInterface* const creators[] = {&creator};
         nbCreators = 1;
@@ -680,5 +832,14 @@ extern "C" IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
     {
         logException("getCreators", error);
     }
+    catch (...)
+    {
+    }
     return nullptr;
+}
+
+//! The TensorRT major whose headers this library was built against (it serves only that major).
+extern "C" int32_t maskrt_plugin_tensorrt_major()
+{
+    return kBuiltForTensorRTMajor;
 }

@@ -114,3 +114,6 @@ private:
 extern "C" __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
 extern "C" __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(
     int32_t& nbCreators);
+// The TensorRT major whose headers the library was built against; it serves processes of that
+// major only (getCreators registers nothing elsewhere). Read by maskrt's Python side via ctypes.
+extern "C" __attribute__((visibility("default"))) int32_t maskrt_plugin_tensorrt_major();
