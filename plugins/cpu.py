@@ -82,20 +82,27 @@ def library_path() -> Path:
             raise MaskrtError(f"MASKRT_CPU_LIB names {override}, which does not exist")
         return Path(override)
     compiler = find_compiler()
-    target_dir = build_root() / f"cpu-{source_hash(compiler)}"
-    target = target_dir / LIBRARY_NAME
+    return build_cached_library(compiler, CPU_SOURCE_DIR / CPU_SOURCES[0], COMPILE_FLAGS,
+                                build_root() / f"cpu-{source_hash(compiler)}" / LIBRARY_NAME)
+
+
+def build_cached_library(compiler: str, source: Path, flags: Sequence[str], target: Path) -> Path:
+    """Compile ``source`` into the shared library ``target`` unless it is already there.
+
+    ``target``'s folder is named by a hash of what went into it, so an edited source is never
+    served by a stale library. Shared by the CPU twin and the model's native RoIAlign forward.
+    """
     if target.is_file():
         return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name, then rename: concurrent test processes never load half a file.
-    handle, temporary = tempfile.mkstemp(prefix=".libmaskrt_cpu.", suffix=".so", dir=target_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load half a file.
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so", dir=target.parent)
     os.close(handle)
-    command = [compiler, *COMPILE_FLAGS, "-o", temporary, str(CPU_SOURCE_DIR / CPU_SOURCES[0])]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run([compiler, *flags, "-o", temporary, str(source)], capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(temporary)
         first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-        raise MaskrtError(f"building {LIBRARY_NAME} with {compiler} failed: {first_error[:300]}")
+        raise MaskrtError(f"building {target.name} with {compiler} failed: {first_error[:300]}")
     os.replace(temporary, target)
     return target
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from torch import Tensor
 
 from maskrt.errors import MaskrtError
-from maskrt.plugins.cpu import build_root, find_compiler
+from maskrt.plugins.cpu import build_cached_library, build_root, find_compiler
 
 SOURCE = Path(__file__).resolve().parent / "native" / "roi_align_cpu.cpp"
 LIBRARY_NAME = "libmaskrt_roi_align_cpu.so"
@@ -43,21 +41,8 @@ def _build() -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(compiler.encode())
     digest.update(" ".join(COMPILE_FLAGS).encode())
-    target_dir = build_root() / f"roi-align-cpu-{digest.hexdigest()[:16]}"
-    target = target_dir / LIBRARY_NAME
-    if target.is_file():
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name, then rename: concurrent processes never load half a file.
-    handle, temporary = tempfile.mkstemp(prefix=".libmaskrt_roi_align_cpu.", suffix=".so", dir=target_dir)
-    os.close(handle)
-    result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", temporary, str(SOURCE)], capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(temporary)
-        first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-        raise MaskrtError(f"building {LIBRARY_NAME} with {compiler} failed: {first_error[:300]}")
-    os.replace(temporary, target)
-    return target
+    target = build_root() / f"roi-align-cpu-{digest.hexdigest()[:16]}" / LIBRARY_NAME
+    return build_cached_library(compiler, SOURCE, COMPILE_FLAGS, target)
 
 
 def load_library() -> ctypes.CDLL | None:
