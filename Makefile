@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.maskrt-installed
 
-.PHONY: demo test setup bench clean plugin gpu-check
+.PHONY: demo test setup bench clean plugin gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -34,12 +34,24 @@ plugin: $(STAMP)
 
 # On a machine with an NVIDIA GPU (docs/gpu.md): its own python3 and PyTorch, no .venv (the
 # .venv's torch is the CPU wheel). Installs the project --no-deps when it is not importable.
+# The GPU machines have no network and no pycocotools (the trainer reads COCO through it):
+# `make gpu-wheels` here downloads its wheel into third_party/wheels (ignored by git), which
+# travels with the checkout; gpu-check installs what is there into build/gpu_site.
 GPU_PYTHON ?= python3
+GPU_WHEELS := third_party/wheels
+GPU_SITE   := build/gpu_site
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) pycocotools
 gpu-check:
 	$(GPU_PYTHON) -P -c "import maskrt.plugins.cpu, maskrt.model" 2>/dev/null \
 	  || $(GPU_PYTHON) -m pip install -q --no-deps -e . \
 	  || $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) bench/gpu_check.py --out runs/gpu_check $(GPU_CHECK_ARGS)
+	if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl \
+	  || echo "gpu-check: the wheels in $(GPU_WHEELS) do not install here; going on without them"; fi
+	PYTHONPATH="$(abspath $(GPU_SITE))$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(GPU_PYTHON) bench/gpu_check.py --out runs/gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build runs .pytest_cache

@@ -738,7 +738,8 @@ def check_training(built: dict, emit: Callable[[dict], None]) -> None:
                            "pycocotools)"))
     else:
         emit(figure("maskrt train on CUDA (TrainConfig device option)", None, "", "runs", None,
-                    detail="not run: the trainer reads its data through pycocotools, absent on the GPU machines"
+                    detail="not run: the trainer reads its data through pycocotools, absent here (`make gpu-wheels` "
+                           "on a networked machine first: its wheel travels in third_party/wheels)"
                     if not _has_pycocotools() else _run_trainer(option, emit)))
 
 
