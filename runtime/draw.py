@@ -80,34 +80,50 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     so where they overlap the highest score's colour is the one blended, once, with the
     original pixel. Contours are traced on each crop with its offset. The pixels are those of
     blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
+
+    The per-detection values (windows, colours, rounded boxes, label texts and their places)
+    are computed once, as plain Python numbers, before any drawing: at 100 detections the
+    Python around the OpenCV calls is otherwise a tenth of the time.
     """
     canvas = bgr.copy()
-    if len(detections) == 0:
+    count = len(detections)
+    if count == 0:
         return canvas
     crops = detections.mask_crops
-    order = np.argsort(detections.scores, kind="stable")  # low scores first
-    colors = [class_color(int(label)) for label in detections.labels]
-    windows = [crops.window(i) for i in range(len(crops))]
+    order = np.argsort(detections.scores, kind="stable").tolist()  # low scores first
+    labels = detections.labels.tolist()
+    colors = [class_color(int(label)) for label in labels]
+    windows = [(x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
+               for (x0, y0), crop in zip(crops.origins.tolist(), crops.crops)]
     masks_u8 = [np.ascontiguousarray(crop, dtype=bool).view(np.uint8) for crop in crops.crops]
-    for i in order:
-        if masks_u8[i].size:
-            x0, y0, x1, y1 = windows[i]
-            blended = cv2.addWeighted(bgr[y0:y1, x0:x1], 1.0 - alpha, color_plane(colors[i], y1 - y0, x1 - x0),
-                                      alpha, 0.0)
-            cv2.copyTo(blended, masks_u8[i], canvas[y0:y1, x0:x1])
+    painted = [i for i in order if masks_u8[i].size]
+    # One colour plane per colour, as large as that colour's largest window.
+    plane_sizes: dict[tuple[int, int, int], tuple[int, int]] = {}
+    for i in painted:
+        x0, y0, x1, y1 = windows[i]
+        h, w = plane_sizes.get(colors[i], (0, 0))
+        plane_sizes[colors[i]] = (max(h, y1 - y0), max(w, x1 - x0))
+    planes = {color: color_plane(color, h, w) for color, (h, w) in plane_sizes.items()}
+    for i in painted:
+        x0, y0, x1, y1 = windows[i]
+        blended = cv2.addWeighted(bgr[y0:y1, x0:x1], 1.0 - alpha, planes[colors[i]][:y1 - y0, :x1 - x0], alpha, 0.0)
+        cv2.copyTo(blended, masks_u8[i], canvas[y0:y1, x0:x1])
+    # int(round(v)) of each float32 coordinate: np.rint rounds half to even as round() does.
+    boxes = np.rint(detections.boxes).astype(np.int64).tolist()
     names = detections.names
+    scores = detections.scores.tolist()
     label_scale = max(0.4, min(1.0, canvas.shape[0] / 900))
+    label_lift = int(22 * label_scale)
     for i in order:
         color = colors[i]
         if masks_u8[i].size:
             contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
                                            offset=windows[i][:2])
             cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
-        x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
+        x1, y1, x2, y2 = boxes[i]
         if show_boxes:
             cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
-        draw_label(canvas, f"{names[i]} {detections.scores[i]:.2f}", (x1, y1 - int(22 * label_scale)), color,
-                   label_scale)
+        draw_label(canvas, f"{names[i]} {scores[i]:.2f}", (x1, y1 - label_lift), color, label_scale)
     return canvas
 
 
