@@ -111,16 +111,15 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     """A copy of ``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
     "name score" label drawn; highest score drawn last so it stays on top.
 
-    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks: a mask's
-    pixels get ``bgr`` blended with its class colour (cv2.addWeighted over the crop's window,
-    then copied through the crop, cv2.copyTo); masks are laid low score first,
-    so where they overlap the highest score's colour is the one blended, once, with the
-    original pixel. Contours are traced on each crop with its offset. The pixels are those of
-    blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
-
-    The per-detection values (windows, colours, rounded boxes, label texts and their places)
-    are computed once, as plain Python numbers, before any drawing: at 100 detections the
-    Python around the OpenCV calls is otherwise a tenth of the time.
+    Works on each mask's crop (``detections.mask_crops``), never on full-frame masks. Contours
+    are traced on each crop with its offset, first: their bounding rectangle is the mask's, and
+    only that rectangle is blended (``bgr`` with the class colour, cv2.addWeighted with a kept
+    colour plane) and copied through the mask (cv2.copyTo). Masks are laid low score first, each
+    blended from the original pixels, so where they overlap the highest score's colour is the one
+    blended, once. Labels are pasted when remembered (``draw_label_remembered``). The pixels are
+    those of blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
+    Per-detection values (windows, colours, rounded boxes, texts) are computed once, as Python
+    numbers, before any drawing.
     """
     canvas = bgr.copy()
     count = len(detections)
@@ -133,18 +132,25 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     windows = [(x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
                for (x0, y0), crop in zip(crops.origins.tolist(), crops.crops)]
     masks_u8 = [np.ascontiguousarray(crop, dtype=bool).view(np.uint8) for crop in crops.crops]
-    painted = [i for i in order if masks_u8[i].size]
-    # One colour plane per colour, as large as that colour's largest window.
+    contours = [cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=window[:2])[0]
+                if mask.size else () for mask, window in zip(masks_u8, windows)]
+    # Blend over each mask's own bounding rectangle (that of its outer contours, in image pixels),
+    # not its whole window: the window is the grown box, where the mask is often half the area.
+    painted = []
+    for i in order:
+        if contours[i]:
+            x, y, w, h = cv2.boundingRect(np.concatenate(contours[i]))
+            painted.append((i, x, y, x + w, y + h))
+    # One colour plane per colour, as large as that colour's largest rectangle.
     plane_sizes: dict[tuple[int, int, int], tuple[int, int]] = {}
-    for i in painted:
-        x0, y0, x1, y1 = windows[i]
+    for i, x0, y0, x1, y1 in painted:
         h, w = plane_sizes.get(colors[i], (0, 0))
         plane_sizes[colors[i]] = (max(h, y1 - y0), max(w, x1 - x0))
     planes = {color: color_plane(color, h, w) for color, (h, w) in plane_sizes.items()}
-    for i in painted:
-        x0, y0, x1, y1 = windows[i]
+    for i, x0, y0, x1, y1 in painted:
+        left, top = windows[i][:2]
         blended = cv2.addWeighted(bgr[y0:y1, x0:x1], 1.0 - alpha, planes[colors[i]][:y1 - y0, :x1 - x0], alpha, 0.0)
-        cv2.copyTo(blended, masks_u8[i], canvas[y0:y1, x0:x1])
+        cv2.copyTo(blended, masks_u8[i][y0 - top:y1 - top, x0 - left:x1 - left], canvas[y0:y1, x0:x1])
     # int(round(v)) of each float32 coordinate: np.rint rounds half to even as round() does.
     boxes = np.rint(detections.boxes).astype(np.int64).tolist()
     names = detections.names
@@ -153,10 +159,8 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     label_lift = int(22 * label_scale)
     for i in order:
         color = colors[i]
-        if masks_u8[i].size:
-            contours, _ = cv2.findContours(masks_u8[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
-                                           offset=windows[i][:2])
-            cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
+        if contours[i]:
+            cv2.drawContours(canvas, contours[i], -1, color, 2, cv2.LINE_AA)
         x1, y1, x2, y2 = boxes[i]
         if show_boxes:
             cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
