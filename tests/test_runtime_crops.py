@@ -256,3 +256,20 @@ def test_remembered_labels_are_drawn_labels_on_any_background_and_at_the_edges()
     draw_label(expected, "a long label 0.99", (0, 0), (200, 10, 10), 0.5)
     draw.draw_label_remembered(narrow, "a long label 0.99", (0, 0), (200, 10, 10), 0.5)
     assert np.array_equal(narrow, expected) and len(draw._labels) == 0
+
+
+def test_empty_and_single_pixel_masks_in_wide_windows_draw_as_before():
+    """Blending covers each mask's own bounding rectangle, not its window: a window with no mask
+    pixel, one with a single pixel on its edge and one with two far-apart pixels draw the full-frame
+    path's pixels."""
+    h, w = 60, 90
+    image = np.random.default_rng(5).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    windows = [np.zeros((30, 40), bool), np.zeros((20, 50), bool), np.zeros((40, 60), bool)]
+    windows[1][19, 0] = True
+    windows[2][0, 59] = windows[2][39, 0] = True
+    crops = MaskCrops(tuple(windows), np.array([[5, 5], [30, 38], [20, 10]], np.int64), (h, w))
+    boxes = np.array([[5, 5, 45, 35], [30, 38, 80, 58], [20, 10, 80, 50]], np.float32)
+    scores, labels = np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 2, 3])
+    ours = draw_detections(image, Detections(boxes, scores, labels, class_names=CLASS_NAMES, mask_crops=crops))
+    expected = draw_detections_full_frame(image, Detections(boxes, scores, labels, crops.full(), CLASS_NAMES))
+    assert np.array_equal(ours, expected)
