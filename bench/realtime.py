@@ -1,13 +1,17 @@
 """Postprocess + drawing at camera resolution: the crop path next to the full-frame path it
 replaced, side by side in one run (interleaved, repeated; min and median reported).
 
-    .venv/bin/python bench/realtime.py --model M.onnx [--repeat 15] [--json out.json]
+    .venv/bin/python bench/realtime.py --model M.onnx [--repeat 15] [--json out.json] [--opencv-threads 1]
 
 For 720p and 1080p frames and 10, 20 and 100 detections, the graph outputs are synthetic (the
 postprocess input a trained model gives: boxes over the frame, sides 2-20 % of its, 28x28 mask probabilities of one
 smooth blob each, scores, labels), so the count is exact; ``--model`` only supplies the
-Predictor's metadata (input size, class names). Timed per frame:
-- crops: ``Predictor.postprocess`` (undo letterbox, ``paste_mask_crops``) + ``draw_detections``;
+Predictor's metadata (input size, class names). Timed per frame (wall clock, and the
+thread's CPU time, which a loaded machine disturbs less):
+- crops: ``Predictor.postprocess`` (undo letterbox, ``paste_mask_crops``) + ``draw_detections``,
+  the same detections every frame, so every label is remembered (pasted);
+- crops, new labels: the same with the remembered labels forgotten before each frame (every
+  label drawn: a video whose scores all change every frame);
 - full frame (before 2026-11-27): the full-frame paste and drawing kept in
   tests/test_runtime_crops.py as the reference (``paste_masks_full_frame``,
   ``draw_detections_full_frame``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_runtime_crops import draw_detections_full_frame, paste_masks_full_frame  # noqa: E402
 
-from maskrt.runtime import Predictor, draw_detections  # noqa: E402
+from maskrt.runtime import Predictor, draw, draw_detections  # noqa: E402
 from maskrt.runtime.commands import synthetic_shapes_image  # noqa: E402
 from maskrt.runtime.predictor import Detections  # noqa: E402
 
@@ -59,8 +64,13 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="an exported .onnx (its metadata is used)")
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--opencv-threads", type=int, default=1,
+                        help="cv2.setNumThreads for the run (default 1, as the video loop runs it; the thread CPU "
+                             "times count only this thread's work)")
     args = parser.parse_args()
+    cv2.setNumThreads(args.opencv_threads)
     predictor = Predictor(args.model, conf=0.0)
+    load_at_start = os.getloadavg()[0]
     rows = []
     for height, width in ((720, 1280), (1080, 1920)):
         frame = synthetic_shapes_image(height, width, seed=0)
@@ -72,27 +82,38 @@ def main() -> None:
             full = Detections(detections.boxes, detections.scores, detections.labels, full_masks,
                               detections.class_names)
             assert np.array_equal(draw_detections(frame, detections), draw_detections_full_frame(frame, full))
-            crops_ms, full_ms = [], []
-            for _ in range(args.repeat):  # interleaved: the two paths see the same machine load
+            times: dict[str, list[float]] = {"crops": [], "crops_cpu": [], "crops_new_labels": [], "full_frame": []}
+            for _ in range(args.repeat):  # interleaved: the paths see the same machine load
+                begin, begin_cpu = time.perf_counter(), time.thread_time()
+                detections = predictor.postprocess(outputs, placements)[0]
+                draw_detections(frame, detections)
+                times["crops"].append((time.perf_counter() - begin) * 1000)
+                times["crops_cpu"].append((time.thread_time() - begin_cpu) * 1000)
+                draw._labels.clear()
                 begin = time.perf_counter()
                 detections = predictor.postprocess(outputs, placements)[0]
                 draw_detections(frame, detections)
-                crops_ms.append((time.perf_counter() - begin) * 1000)
+                times["crops_new_labels"].append((time.perf_counter() - begin) * 1000)
                 begin = time.perf_counter()
                 masks = paste_masks_full_frame(outputs["masks"][0], detections.boxes, (height, width))
                 draw_detections_full_frame(frame, Detections(detections.boxes, detections.scores, detections.labels,
                                                              masks, detections.class_names))
-                full_ms.append((time.perf_counter() - begin) * 1000)
-            row = {"frame": f"{width}x{height}", "detections": count,
-                   "crops_ms": {"min": min(crops_ms), "median": statistics.median(crops_ms)},
-                   "full_frame_ms": {"min": min(full_ms), "median": statistics.median(full_ms)}}
+                times["full_frame"].append((time.perf_counter() - begin) * 1000)
+            row = {"frame": f"{width}x{height}", "detections": count}
+            row.update({f"{name}_ms": {"min": min(values), "median": statistics.median(values)}
+                        for name, values in times.items()})
             row["speedup_median"] = row["full_frame_ms"]["median"] / row["crops_ms"]["median"]
             rows.append(row)
-            print(f"{width}x{height} {count:>3} detections: postprocess+draw crops {row['crops_ms']['median']:7.2f} ms "
-                  f"(min {row['crops_ms']['min']:.2f}), full frame {row['full_frame_ms']['median']:8.2f} ms "
-                  f"(min {row['full_frame_ms']['min']:.2f}) -> {row['speedup_median']:.0f}x", flush=True)
+            print(f"{width}x{height} {count:>3} detections: crops {row['crops_ms']['min']:6.2f} / "
+                  f"{row['crops_ms']['median']:6.2f} ms (cpu {row['crops_cpu_ms']['min']:6.2f} / "
+                  f"{row['crops_cpu_ms']['median']:6.2f}), new labels {row['crops_new_labels_ms']['min']:6.2f} / "
+                  f"{row['crops_new_labels_ms']['median']:6.2f}, full frame {row['full_frame_ms']['min']:7.1f} / "
+                  f"{row['full_frame_ms']['median']:7.1f} (min / median)", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"opencv_threads": cv2.getNumThreads(), "rows": rows}, indent=2) + "\n")
+        figures = {"opencv_threads": cv2.getNumThreads(), "load_average": [load_at_start, os.getloadavg()[0]],
+                   "rows": rows}
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"load average {load_at_start:.1f} -> {os.getloadavg()[0]:.1f}, OpenCV threads {cv2.getNumThreads()}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def test_drawing_from_crops_gives_the_full_frame_pixels(h, w, count, seed, alpha
     ours = draw_detections(image, from_crops, alpha=alpha, show_boxes=show_boxes)
     assert not np.array_equal(expected, image)
     assert np.array_equal(ours, expected), f"{int((ours != expected).any(axis=2).sum())} pixels differ"
+    # Again: the labels are remembered now and pasted, with the same pixels.
+    assert np.array_equal(draw_detections(image, from_crops, alpha=alpha, show_boxes=show_boxes), expected)
     # Detections made from full frames are cut to crops and draw the same.
     assert np.array_equal(draw_detections(image, full, alpha=alpha, show_boxes=show_boxes), expected)
     assert np.array_equal(image, before)  # the input is untouched
@@ -217,3 +219,57 @@ def test_colour_planes_are_filled_grown_and_bounded():
         draw.color_plane((value, 0, 0), 2, 2)
     assert len(draw._color_planes) == draw.COLOR_PLANES_KEPT
     assert (draw.COLOR_PLANES_KEPT + 9, 0, 0) in draw._color_planes and (0, 0, 0) not in draw._color_planes
+
+
+def test_remembered_labels_are_drawn_labels_on_any_background_and_at_the_edges():
+    """A label's pixels are its opaque box and the text inside it: pasting a remembered label
+    gives draw_label's pixels on other backgrounds and places; labels the image's edge clips
+    are drawn, not remembered; the store is bounded."""
+    from maskrt.runtime import draw
+
+    rng = np.random.default_rng(21)
+    draw._labels.clear()
+    texts = ["circle 0.97", "square 0.50", "triangle 1.00", "Wg|jq_y 0.12"]
+    pasted = 0
+    for step in range(60):
+        h, w = int(rng.integers(20, 200)), int(rng.integers(20, 400))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        text = texts[step % len(texts)]
+        color = class_color(int(rng.integers(1, 3)))
+        scale = float(rng.choice([0.4, 1.0]))
+        origin = (int(rng.integers(-30, w + 30)), int(rng.integers(-30, h + 30)))
+        expected = image.copy()
+        draw_label(expected, text, origin, color, scale)
+        ours = image.copy()
+        remembered = (text, color, scale) in draw._labels
+        draw.draw_label_remembered(ours, text, origin, color, scale)
+        assert np.array_equal(ours, expected), (step, text, origin, scale)
+        pasted += remembered
+    assert pasted >= 10  # many of the 60 were pasted from the store
+    for value in range(draw.LABELS_KEPT + 5):
+        draw.draw_label_remembered(np.zeros((40, 300, 3), np.uint8), f"x {value}", (0, 0), (9, 9, 9), 0.5)
+    assert len(draw._labels) == draw.LABELS_KEPT
+    # A label wider than the image: drawn clipped, never remembered.
+    draw._labels.clear()
+    narrow = np.zeros((30, 20, 3), np.uint8)
+    expected = narrow.copy()
+    draw_label(expected, "a long label 0.99", (0, 0), (200, 10, 10), 0.5)
+    draw.draw_label_remembered(narrow, "a long label 0.99", (0, 0), (200, 10, 10), 0.5)
+    assert np.array_equal(narrow, expected) and len(draw._labels) == 0
+
+
+def test_empty_and_single_pixel_masks_in_wide_windows_draw_as_before():
+    """Blending covers each mask's own bounding rectangle, not its window: a window with no mask
+    pixel, one with a single pixel on its edge and one with two far-apart pixels draw the full-frame
+    path's pixels."""
+    h, w = 60, 90
+    image = np.random.default_rng(5).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    windows = [np.zeros((30, 40), bool), np.zeros((20, 50), bool), np.zeros((40, 60), bool)]
+    windows[1][19, 0] = True
+    windows[2][0, 59] = windows[2][39, 0] = True
+    crops = MaskCrops(tuple(windows), np.array([[5, 5], [30, 38], [20, 10]], np.int64), (h, w))
+    boxes = np.array([[5, 5, 45, 35], [30, 38, 80, 58], [20, 10, 80, 50]], np.float32)
+    scores, labels = np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 2, 3])
+    ours = draw_detections(image, Detections(boxes, scores, labels, class_names=CLASS_NAMES, mask_crops=crops))
+    expected = draw_detections_full_frame(image, Detections(boxes, scores, labels, crops.full(), CLASS_NAMES))
+    assert np.array_equal(ours, expected)

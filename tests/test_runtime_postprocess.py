@@ -124,3 +124,23 @@ def test_paste_masks_matches_the_pytorch_model():
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     ours_binary, theirs_binary = ours > 0.5, theirs > 0.5
     assert min(mask_iou(a, b) for a, b in zip(ours_binary, theirs_binary)) > 0.99
+
+
+@pytest.mark.parametrize("orig, big", [((90, 160), (64, 64)), ((160, 90), (64, 64)), ((64, 64), (64, 64)),
+                                       ((37, 91), (48, 80))])
+def test_letterbox_into_a_given_array_overwrites_all_of_it(orig, big):
+    """``out=`` (what letterbox_batch passes: its own rows) gets every value written, the image
+    and the mean around it on both sides, whatever it held before."""
+    bgr = np.random.default_rng(3).integers(0, 256, (*orig, 3), dtype=np.uint8)
+    expected, placed = letterbox(bgr, big, MEAN)
+    out = np.full((3, *big), np.nan, np.float32)
+    chw, again = letterbox(bgr, big, MEAN, out=out)
+    assert chw is out and again == placed and np.array_equal(out, expected)
+    new_h, new_w = placed.resized_size
+    for channel in range(3):  # the image is RGB in [0, 1] at the top-left; the rest is the mean
+        rgb = cv2.resize(bgr.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_LINEAR)[..., 2 - channel] / 255
+        np.testing.assert_allclose(out[channel, :new_h, :new_w], rgb, atol=1e-6)
+        assert np.all(out[channel, new_h:] == np.float32(MEAN[channel]))
+        assert np.all(out[channel, :, new_w:] == np.float32(MEAN[channel]))
+    batch, _ = letterbox_batch([bgr, bgr], big, MEAN)
+    assert np.array_equal(batch[0], expected) and np.array_equal(batch[1], expected)

@@ -301,6 +301,10 @@ def test_bench_source_reports_stages_and_the_ratio_to_the_engine(tmp_path, fake_
     assert figures["machine"]["cores"] >= 1 and figures["machine"]["cpu"]
     ratios = [r["loop_fps"] / r["engine_fps"] for r in figures["rounds"]]
     assert figures["loop_vs_engine"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds
+    # CPU time per frame: the loop does the engine's work and more (decode, drawing, encoding).
+    assert all(r["engine_cpu_ms_per_image"] > 0 and r["loop_cpu_ms_per_frame"] > 0 for r in figures["rounds"])
+    assert figures["loop_cpu_ms_per_frame"] == pytest.approx(
+        sum(r["loop_cpu_ms_per_frame"] for r in figures["rounds"]) / 2)
     assert "loop" in capsys.readouterr().out
     image = tmp_path / "still.png"
     cv2.imwrite(str(image), np.full((40, 60, 3), 90, np.uint8))
