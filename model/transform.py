@@ -125,6 +125,35 @@ def batch_images(images: Sequence[Tensor], fill: Sequence[float], size_divisible
     return batch
 
 
+def content_sizes(images: Tensor, fill: Tensor) -> Tensor:
+    """(h, w) of each image's content inside a padded batch: the last row and column holding a
+    pixel (any channel) that differs from `fill`, plus one.
+
+    `batch_images` and the runtime's letterbox place each image top-left and fill the rest
+    with exactly `image_mean`, so this recovers the resized size that torchvision clips boxes
+    to (`GeneralizedRCNNTransform` -> `ImageList.image_sizes`, the sizes before padding;
+    `RegionProposalNetwork.filter_proposals` and `RoIHeads.postprocess_detections` clip to
+    them) and detectron2 too (`ImageList.from_tensors` keeps `image_sizes`,
+    `find_top_rpn_proposals` and `fast_rcnn_inference` clip to them), from the one input the
+    exported graph has. An image whose last rows (or columns) equal `fill` in every pixel and
+    channel counts as that much smaller; an image that equals `fill` everywhere counts as the
+    whole input. Computed with float reductions only (no bool reductions: TensorRT's parser).
+
+    images float [B, C, H, W], fill [1, C, 1, 1] (same dtype) -> int64 [B, 2].
+    """
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    differs = (images - fill).abs().amax(dim=1)  # [B, H, W]: > 0 where the content is
+    rows = (differs.amax(dim=2) > 0).to(images.dtype)  # [B, H]
+    cols = (differs.amax(dim=1) > 0).to(images.dtype)  # [B, W]
+    row_numbers = torch.arange(1, height + 1, dtype=images.dtype, device=images.device)
+    col_numbers = torch.arange(1, width + 1, dtype=images.dtype, device=images.device)
+    content_h = (rows * row_numbers).amax(dim=1)
+    content_w = (cols * col_numbers).amax(dim=1)
+    content_h = torch.where(content_h > 0, content_h, torch.full_like(content_h, height))
+    content_w = torch.where(content_w > 0, content_w, torch.full_like(content_w, width))
+    return torch.stack((content_h, content_w), dim=1).to(torch.int64)
+
+
 def _bilinear_matrix(starts: Tensor, stops: Tensor, source_size: int, image_size: int) -> Tensor:
     """Rows = image pixels, columns = source-mask pixels: the weights with which
     `F.interpolate(bilinear, align_corners=False)` resizes a `source_size` mask to the
