@@ -529,3 +529,18 @@ def test_detect_batch_clips_to_the_content_as_eager_does() -> None:
         kept = boxes[index, :int(count[index])]
         assert float(kept[:, 0::2].max()) <= w and float(kept[:, 1::2].max()) <= h
     assert not torch.equal(derived[1], old[1])
+
+
+def test_runtime_metadata_carries_the_resize_rule() -> None:
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.metadata import parse_metadata
+
+    base = {"class_names": '["__background__", "a"]', "input_size": "[256, 384]", "image_mean": "[0.4, 0.4, 0.4]"}
+    info = parse_metadata(base, "old.onnx")  # graphs exported before the keys: torchvision's letterbox
+    assert (info.resize_rule, info.min_size, info.max_size) == ("torchvision", 0, 0)
+    info = parse_metadata({**base, "resize_rule": "detectron2", "min_size": "240", "max_size": "400"}, "d2.onnx")
+    assert (info.resize_rule, info.min_size, info.max_size) == ("detectron2", 240, 400)
+    with pytest.raises(MaskrtError, match="needs 'min_size' and 'max_size'"):
+        parse_metadata({**base, "resize_rule": "detectron2"}, "d2.onnx")
+    with pytest.raises(MaskrtError, match="resize_rule"):
+        parse_metadata({**base, "resize_rule": "pil"}, "x.onnx")
