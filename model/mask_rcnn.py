@@ -51,8 +51,9 @@ class MaskRCNN(nn.Module):
     `anchor_rule` (cell anchors rounded or not, strides; `ops.AnchorGenerator`),
     `selection_rule` (which proposals and detections survive, NMS ranking by probability or
     logit; `RegionProposalNetwork`, `RoIHeads`), `level_rule` (the RoI -> FPN level epsilon;
-    `MultiLevelRoIPooler`), `resize_rule` (size rounding and antialiasing of the eval
-    resize) and `paste_rule` (how masks are pasted into the image; also written into the
+    `MultiLevelRoIPooler`), `resize_rule` (size rounding and pixels of the eval resize:
+    detectron2's is PIL's bilinear on uint8; also written into the exported graph's metadata
+    with min_size / max_size, where the runtime reads it) and `paste_rule` (how masks are pasted into the image; also written into the
     exported graph's metadata, where the runtime reads it).
     """
 

@@ -89,7 +89,7 @@ def resized_size(orig_size: tuple[int, int], input_size: tuple[int, int], resize
     min_size / max_size, fitted to the input (rounded half up) only where it does not fit."""
     if resize_rule == "torchvision":
         return letterbox_size(orig_size, input_size)
-    if resize_rule != "detectron2":
+    if resize_rule not in RESIZE_RULES:
         raise MaskrtError(f"unknown resize rule {resize_rule!r}: choose 'torchvision' or 'detectron2'")
     if min_size <= 0 or max_size <= 0:
         raise MaskrtError(f"the detectron2 resize rule needs the model's min_size and max_size, got {min_size}, {max_size}")
