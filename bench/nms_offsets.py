@@ -35,8 +35,9 @@ def trial(seed: int, background_bias: float) -> tuple[int, bool, bool]:
     centres = torch.rand(30, 2, generator=g) * torch.tensor([1333.0, 800.0])
     sizes = torch.exp(torch.rand(30, 2, generator=g) * 4 + 2.5)
     owner = torch.randint(0, 30, (1000,), generator=g)
+    jitter = 1 + 0.35 * torch.randn(1000, 2, generator=g)
     centre = centres[owner] + sizes[owner] * 0.25 * torch.randn(1000, 2, generator=g)
-    side = sizes[owner] * (1 + 0.35 * torch.randn(1000, 2, generator=g)).abs()
+    side = sizes[owner] * jitter.abs()
     proposals = torch.cat([centre - side / 2, centre + side / 2], 1)
     logits = torch.randn(1000, 81, generator=g) * 3
     logits[:, 80] += background_bias
