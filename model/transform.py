@@ -157,7 +157,7 @@ def content_sizes(images: Tensor, fill: Tensor) -> Tensor:
     `find_top_rpn_proposals` and `fast_rcnn_inference` clip to them), from the one input the
     exported graph has. An image whose last rows (or columns) equal `fill` in every pixel and
     channel counts as that much smaller; an image that equals `fill` everywhere counts as the
-    whole input. Computed with float reductions only (no bool reductions: TensorRT's parser).
+    whole input. Float reductions only (ReduceMax on float tensors, which every backend has).
 
     images float [B, C, H, W], fill [1, C, 1, 1] (same dtype) -> int64 [B, 2].
     """
