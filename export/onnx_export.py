@@ -86,6 +86,11 @@ def model_metadata(model: torch.nn.Module, input_size: tuple[int, int], target: 
         "box_score_thresh": str(float(model.roi_heads.score_thresh)),
         # How the runtime pastes masks: "torchvision" or "detectron2" (models from from_detectron2).
         "paste_rule": str(getattr(model, "paste_rule", "torchvision")),
+        # How the runtime resizes images into the input (models from from_detectron2: "detectron2",
+        # ResizeShortestEdge to min_size / max_size); torchvision's rule fits the input.
+        "resize_rule": str(getattr(model, "resize_rule", "torchvision")),
+        "min_size": str(int(model.min_size[-1])),
+        "max_size": str(int(model.max_size)),
         "opset": str(OPSET),
     }
 

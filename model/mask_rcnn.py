@@ -20,8 +20,8 @@ from maskrt.model.fpn import BackboneWithFPN
 from maskrt.model.roi_heads import (ConvFCHead, FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor,
                                     MultiLevelRoIPooler, RoIHeads, TwoMLPHead)
 from maskrt.model.rpn import RegionProposalNetwork, RPNHead
-from maskrt.model.transform import (PASTE_RULES, RESIZE_RULES, batch_images, postprocess, resize_image,
-                                    resize_target)
+from maskrt.model.transform import (PASTE_RULES, RESIZE_RULES, batch_images, content_sizes, postprocess,
+                                    resize_image, resize_target)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,8 +51,9 @@ class MaskRCNN(nn.Module):
     `anchor_rule` (cell anchors rounded or not, strides; `ops.AnchorGenerator`),
     `selection_rule` (which proposals and detections survive, NMS ranking by probability or
     logit; `RegionProposalNetwork`, `RoIHeads`), `level_rule` (the RoI -> FPN level epsilon;
-    `MultiLevelRoIPooler`), `resize_rule` (size rounding and antialiasing of the eval
-    resize) and `paste_rule` (how masks are pasted into the image; also written into the
+    `MultiLevelRoIPooler`), `resize_rule` (size rounding and pixels of the eval resize:
+    detectron2's is PIL's bilinear on uint8; also written into the exported graph's metadata
+    with min_size / max_size, where the runtime reads it) and `paste_rule` (how masks are pasted into the image; also written into the
     exported graph's metadata, where the runtime reads it).
     """
 
@@ -151,16 +152,17 @@ class MaskRCNN(nn.Module):
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The inference forward with static shapes.
 
-        images: float [B, 3, H, W] RGB in [0, 1], H and W multiples of 32, padding filled with
-        `image_mean`. image_sizes: optional int64 [B, 2] (h, w) of the unpadded content, used to
-        clip boxes as torchvision does; default (and in the exported graph) the padded size.
+        images: float [B, 3, H, W] RGB in [0, 1], H and W multiples of 32, each image top-left,
+        padding filled with exactly `image_mean`. image_sizes: optional int64 [B, 2] (h, w) of
+        the unpadded content, to which boxes are clipped as torchvision and detectron2 clip
+        them; default (and in the exported graph) `content_sizes`, read from the padding.
 
         Returns num_dets int32 [B], boxes [B, D, 4] (input pixels), scores [B, D],
         labels int64 [B, D], masks [B, D, M, M] probabilities; entries past num_dets are 0.
         """
         padded_size = (int(images.shape[-2]), int(images.shape[-1]))
         if image_sizes is None:
-            image_sizes = torch.tensor([padded_size], dtype=torch.int64, device=images.device).expand(images.shape[0], 2)
+            image_sizes = content_sizes(images, self.pixel_mean.to(images.dtype))
         features = self.backbone(self.normalize(images))
         proposals, valid, _, _, _ = self.rpn(features, padded_size, image_sizes)
         return self.roi_heads.detect(features[:-1], proposals, valid, padded_size, image_sizes)

@@ -11,7 +11,8 @@ are detectron2's at commit 02b5c4e):
 - resize: `ResizeShortestEdge.get_output_shape` (data/transforms/augmentation_impl.py lines
   181-200) rounds the new size (`int(x + 0.5)`), and `ResizeTransform.apply_image`
   (data/transforms/transform.py lines 112-123) resizes uint8 images with PIL's bilinear, which
-  antialiases when shrinking: here `F.interpolate(bilinear, antialias=True)` to that size.
+  antialiases when shrinking and rounds to uint8: here PIL itself, on the uint8 image
+  `round(255 x)` (the image the [0, 1] floats came from), then back to [0, 1].
 - pasting: `paste_masks_in_image` / `_do_paste_mask` (layers/mask_ops.py lines 17-147): each
   image pixel centre (x + 0.5, y + 0.5) inside the box is sampled from the M x M mask with
   `grid_sample` (bilinear, zeros outside, align_corners=False): mask coordinate
@@ -69,7 +70,8 @@ def detectron2_resized_size(height: int, width: int, min_size: float, max_size: 
 def resize_image(image: Tensor, min_size: float, max_size: float, rule: str = "torchvision") -> Tensor:
     """Bilinear resize (align_corners=False, recomputed scale factor) of [C, h, w] -> [C, h', w'].
 
-    rule "detectron2": to `detectron2_resized_size`, antialiased as PIL's bilinear."""
+    rule "detectron2": to `detectron2_resized_size`, by PIL's bilinear on the uint8 image
+    `round(255 x)`, as detectron2's `ResizeTransform` resizes the uint8 image it is given."""
     if image.dim() != 3:
         raise MaskrtError(f"an image must be a [C, H, W] tensor, got shape {tuple(image.shape)}")
     if not image.is_floating_point():
@@ -80,10 +82,28 @@ def resize_image(image: Tensor, min_size: float, max_size: float, rule: str = "t
         size = detectron2_resized_size(int(image.shape[-2]), int(image.shape[-1]), min_size, max_size)
         if size == (int(image.shape[-2]), int(image.shape[-1])):
             return image  # PIL's resize to the same size is the identity
-        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        return pil_bilinear_resize(image, size)
     scale = resize_scale(image.shape[-2], image.shape[-1], min_size, max_size)
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                          align_corners=False)[0]
+
+
+def pil_bilinear_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """[C, h, w] floats in [0, 1] -> [C, H, W]: PIL's bilinear resize (Pillow's `Image.resize`,
+    the filter detectron2's `ResizeTransform` uses) of the uint8 image `round(255 x)`, / 255.
+    Exact for images that came from uint8 (x = v / 255)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (image.detach() * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if pixels.shape[-1] == 3:  # an "RGB" image, as detectron2's (and the runtime's) BGR array
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((size[1], size[0]), Image.BILINEAR))
+    else:  # one "L" image per channel: PIL's filter works per channel
+        resized = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize(
+            (size[1], size[0]), Image.BILINEAR)) for c in range(pixels.shape[-1])], axis=-1)
+    chw = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).to(device=image.device, dtype=image.dtype)
+    # x * float(1/255) as the runtime's letterbox scales its uint8 pixels.
+    return chw * torch.tensor(1.0 / 255.0, dtype=torch.float32).to(image.dtype)
 
 
 def resize_target(target: dict[str, Tensor], original_size: tuple[int, int], new_size: tuple[int, int],
@@ -123,6 +143,35 @@ def batch_images(images: Sequence[Tensor], fill: Sequence[float], size_divisible
     for index, image in enumerate(images):
         batch[index, :, :image.shape[-2], :image.shape[-1]] = image
     return batch
+
+
+def content_sizes(images: Tensor, fill: Tensor) -> Tensor:
+    """(h, w) of each image's content inside a padded batch: the last row and column holding a
+    pixel (any channel) that differs from `fill`, plus one.
+
+    `batch_images` and the runtime's letterbox place each image top-left and fill the rest
+    with exactly `image_mean`, so this recovers the resized size that torchvision clips boxes
+    to (`GeneralizedRCNNTransform` -> `ImageList.image_sizes`, the sizes before padding;
+    `RegionProposalNetwork.filter_proposals` and `RoIHeads.postprocess_detections` clip to
+    them) and detectron2 too (`ImageList.from_tensors` keeps `image_sizes`,
+    `find_top_rpn_proposals` and `fast_rcnn_inference` clip to them), from the one input the
+    exported graph has. An image whose last rows (or columns) equal `fill` in every pixel and
+    channel counts as that much smaller; an image that equals `fill` everywhere counts as the
+    whole input. Float reductions only (ReduceMax on float tensors, which every backend has).
+
+    images float [B, C, H, W], fill [1, C, 1, 1] (same dtype) -> int64 [B, 2].
+    """
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    differs = (images - fill).abs().amax(dim=1)  # [B, H, W]: > 0 where the content is
+    rows = (differs.amax(dim=2) > 0).to(images.dtype)  # [B, H]
+    cols = (differs.amax(dim=1) > 0).to(images.dtype)  # [B, W]
+    row_numbers = torch.arange(1, height + 1, dtype=images.dtype, device=images.device)
+    col_numbers = torch.arange(1, width + 1, dtype=images.dtype, device=images.device)
+    content_h = (rows * row_numbers).amax(dim=1)
+    content_w = (cols * col_numbers).amax(dim=1)
+    content_h = torch.where(content_h > 0, content_h, torch.full_like(content_h, height))
+    content_w = torch.where(content_w > 0, content_w, torch.full_like(content_w, width))
+    return torch.stack((content_h, content_w), dim=1).to(torch.int64)
 
 
 def _bilinear_matrix(starts: Tensor, stops: Tensor, source_size: int, image_size: int) -> Tensor:

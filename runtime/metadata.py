@@ -32,6 +32,11 @@ class ModelInfo:
     precision: str = "fp32"
     target: str = "onnx"
     paste_rule: str = "torchvision"  # how masks go into the image: "torchvision" | "detectron2"
+    # How images are resized into the input: "torchvision" (fit the input) | "detectron2"
+    # (ResizeShortestEdge to min_size / max_size, PIL bilinear); min/max_size 0 when not written.
+    resize_rule: str = "torchvision"
+    min_size: int = 0
+    max_size: int = 0
     raw: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -65,6 +70,15 @@ def parse_metadata(raw: Mapping[str, str], source: str) -> ModelInfo:
     paste_rule = str(raw.get("paste_rule", "torchvision"))
     if paste_rule not in ("torchvision", "detectron2"):
         raise MaskrtError(f"{source}: metadata 'paste_rule' must be 'torchvision' or 'detectron2', got {paste_rule!r}")
+    # Graphs exported before the key existed were all letterboxed by the torchvision rule.
+    resize_rule = str(raw.get("resize_rule", "torchvision"))
+    if resize_rule not in ("torchvision", "detectron2"):
+        raise MaskrtError(f"{source}: metadata 'resize_rule' must be 'torchvision' or 'detectron2', got {resize_rule!r}")
+    sizes = [_json_value(raw, key, source) if key in raw else 0 for key in ("min_size", "max_size")]
+    if not all(isinstance(v, int) and v >= 0 for v in sizes):
+        raise MaskrtError(f"{source}: metadata 'min_size' and 'max_size' must be non-negative integers")
+    if resize_rule == "detectron2" and not all(sizes):
+        raise MaskrtError(f"{source}: metadata resize_rule 'detectron2' needs 'min_size' and 'max_size'")
     return ModelInfo(
         class_names=tuple(class_names),
         input_size=(int(input_size[0]), int(input_size[1])),
@@ -74,5 +88,8 @@ def parse_metadata(raw: Mapping[str, str], source: str) -> ModelInfo:
         precision=str(raw.get("precision", "fp32")),
         target=str(raw.get("target", "onnx")),
         paste_rule=paste_rule,
+        resize_rule=resize_rule,
+        min_size=int(sizes[0]),
+        max_size=int(sizes[1]),
         raw=dict(raw),
     )

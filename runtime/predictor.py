@@ -149,7 +149,8 @@ class Predictor:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
         """BGR images -> (float32 [B,3,H,W] letterboxed input, one Letterbox each)."""
-        return letterbox_batch(images, self.info.input_size, self.info.image_mean)
+        return letterbox_batch(images, self.info.input_size, self.info.image_mean, self.info.resize_rule,
+                               self.info.min_size, self.info.max_size)
 
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on [B,3,H,W]. A fixed-batch graph is fed in chunks of its batch, the

@@ -85,3 +85,61 @@ def test_runtime_gives_the_pytorch_models_detections(d2_model, target: str, tmp_
     differ = ours.masks != (probabilities >= 0.5)
     assert np.all(np.abs(probabilities[differ] - 0.5) < 1e-3), f"{differ.sum()} pixels differ"
     assert ours.masks.sum() > 1000
+
+
+# --- an image that does not fill the model input, through the runtime's own preprocessing ----
+# detectron2's DefaultPredictor on a 427x640 photo with ResizeShortestEdge(240, 400): 240x360
+# (int(359.7 + 0.5)), padded to 256x384 in its ImageList; the graph's input is that padded size,
+# so the runtime's input is the batch the PyTorch model builds, and the 16 rows and 24 columns
+# of padding are where the clipping to the image (not the input) shows.
+SHORT, LONG, INPUT = 240, 400, (256, 384)
+
+
+@pytest.fixture(scope="module")
+def d2_model_240(d2_model):
+    import copy
+
+    model = copy.deepcopy(d2_model)
+    model.min_size, model.max_size = (SHORT,), LONG
+    return model
+
+
+@pytest.mark.parametrize("target", ["onnx", "tensorrt"])
+def test_runtime_gives_the_pytorch_models_detections_on_an_image_that_does_not_fill_the_input(
+        d2_model_240, target: str, tmp_path) -> None:
+    from maskrt.export.onnx_export import export_onnx
+    from maskrt.model.transform import resize_image
+
+    try:
+        path = export_onnx(d2_model_240, tmp_path / f"d2_{target}.onnx", input_size=INPUT, target=target)
+        predictor = Predictor(path, backend="onnxruntime", conf=0.0)
+    except Exception as error:  # the tensorrt target needs the CPU twin, built with a C++ compiler
+        if target == "tensorrt" and "MultilevelRoIAlign" in str(error):
+            pytest.skip(f"ONNX Runtime cannot run the plugin node here: {error}")
+        raise
+    assert (predictor.info.resize_rule, predictor.info.min_size, predictor.info.max_size) == ("detectron2", SHORT, LONG)
+
+    image = synthetic_shapes_image(427, 640, seed=11)
+    rgb = torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 255.0
+    inputs, placements = predictor.preprocess([image])
+    assert placements[0].resized_size == (240, 360)
+    # The runtime's input is the model's own resized image (PIL's pixels both), padded with the mean.
+    resized = resize_image(rgb, SHORT, LONG, "detectron2")
+    np.testing.assert_array_equal(inputs[0, :, :240, :360], resized.numpy())
+    np.testing.assert_array_equal(inputs[0, :, 240:, :], np.broadcast_to(
+        np.float32(d2_model_240.image_mean).reshape(3, 1, 1), (3, 16, 384)))
+    with torch.no_grad():
+        expected = d2_model_240([rgb])[0]
+    ours = predictor(image)
+
+    count = len(expected["scores"])
+    assert count >= 10 and len(ours) == count
+    # Boxes reach the image's edge (x = 640 or y = 427): clipped where the padding starts.
+    assert (expected["boxes"][:, 2] == 640).any() or (expected["boxes"][:, 3] == 427).any()
+    assert np.array_equal(ours.labels, expected["labels"].numpy())
+    assert np.abs(ours.boxes - expected["boxes"].numpy()).max() < 1e-2
+    np.testing.assert_allclose(ours.scores, expected["scores"].numpy(), rtol=0, atol=1e-4)
+    probabilities = expected["masks"][:, 0].numpy()
+    differ = ours.masks != (probabilities >= 0.5)
+    assert np.all(np.abs(probabilities[differ] - 0.5) < 1e-3), f"{differ.sum()} pixels differ"
+    assert ours.masks.sum() > 1000

@@ -8,7 +8,9 @@ not from our code:
 - the RPN's proposal selection (per-level top-k, NMS over levels ranked by logits, empty boxes);
 - the detections kept after NMS (empty boxes take a place, then go);
 - mask pasting at fractional boxes near the image border, model and runtime;
-- the resized size (`ResizeShortestEdge`).
+- the resized size (`ResizeShortestEdge`), model and runtime, and its pixels (PIL's bilinear on
+  uint8, from Pillow's source, which detectron2's `ResizeTransform` calls);
+- the boxes' clipping to the image inside a padded input (`content_sizes`).
 
 detectron2 itself cannot run here (it needs torchvision, which does not load with this torch);
 tests/test_detectron2_export.py runs a synthesised detectron2 checkpoint end to end.
@@ -359,7 +361,89 @@ def test_paste_skips_empty_boxes() -> None:
     ((800, 800), (800, 800)),
 ])
 def test_resize_rounding_is_detectron2s(size, expected) -> None:
+    from maskrt.runtime.preprocess import resized_size
+
     assert detectron2_resized_size(*size, 800, 1333) == expected
+    # The runtime's rule, given an input that holds the result (800x1344, or larger).
+    assert resized_size(size, (1344, 1344), "detectron2", 800, 1333) == expected
+
+
+def test_runtime_resize_size_is_detectron2s_and_fits_a_small_input() -> None:
+    from maskrt.runtime.preprocess import resized_size
+
+    # 427x640 with (240, 400): 240 x 359.7 -> 240 x 360, padded to 256x384 (not stretched to it).
+    assert resized_size((427, 640), (256, 384), "detectron2", 240, 400) == (240, 360)
+    # torchvision's letterbox fills the input instead: min(256/427, 384/640) -> 255 x 383.
+    assert resized_size((427, 640), (256, 384), "torchvision") == (255, 383)
+    # An input smaller than detectron2's size: fitted, rounded half up (0.5995 * 427 = 255.98).
+    assert resized_size((427, 640), (256, 384), "detectron2", 800, 1333) == (256, 384)
+
+
+def pil_bilinear_reference(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """PIL's BILINEAR resize of a uint8 [h, w, C] image, which detectron2's ResizeTransform calls
+    (data/transforms/transform.py lines 112-123), written from Pillow's libImaging/Resample.c:
+    `precompute_coeffs` (per output pixel: scale = in/out, filterscale = max(scale, 1), support
+    = filterscale, centre = (x + 0.5) scale, taps xmin = max(int(centre - support + 0.5), 0) ..
+    min(int(centre + support + 0.5), in), weights triangle((i - centre + 0.5) / filterscale)
+    normalised to sum 1), `normalize_coeffs_8bpc` (int(0.5 + w * 2^22)), then a horizontal pass
+    and a vertical pass each on uint8: (sum k * p + 2^21) >> 22 clipped to 0..255. float64
+    weights, int64 sums."""
+    def coefficients(in_size: int, out_size: int) -> np.ndarray:
+        scale = in_size / out_size
+        filterscale = max(scale, 1.0)
+        support = 1.0 * filterscale
+        matrix = np.zeros((out_size, in_size), dtype=np.int64)
+        for x in range(out_size):
+            centre = (x + 0.5) * scale
+            xmin = max(int(centre - support + 0.5), 0)
+            xmax = min(int(centre + support + 0.5), in_size)
+            taps = np.arange(xmin, xmax)
+            weights = np.maximum(1.0 - np.abs((taps - centre + 0.5) / filterscale), 0.0)
+            total = weights.sum()
+            if total != 0.0:
+                weights = weights / total
+            matrix[x, xmin:xmax] = (0.5 + weights * (1 << 22)).astype(np.int64)
+        return matrix
+
+    def one_pass(pixels: np.ndarray, matrix: np.ndarray) -> np.ndarray:  # along axis 1 of [h, w, C]
+        sums = np.einsum("ow,hwc->hoc", matrix, pixels.astype(np.int64)) + (1 << 21)
+        return np.clip(sums >> 22, 0, 255).astype(np.uint8)
+
+    h, w = image.shape[:2]
+    out = image
+    if new_w != w:
+        out = one_pass(out, coefficients(w, new_w))
+    if new_h != h:
+        out = one_pass(out.transpose(1, 0, 2), coefficients(h, new_h)).transpose(1, 0, 2)
+    return out
+
+
+@pytest.mark.parametrize("new_size, short_long", [
+    ((240, 360), (240, 400)),  # shrinking: PIL antialiases
+    ((800, 1199), (800, 1333)),  # enlarging
+    ((300, 640), None),  # one axis only (not a ResizeShortestEdge size: the resize alone)
+])
+def test_resize_pixels_are_pils_bilinear_on_uint8(new_size, short_long) -> None:
+    """The runtime's letterbox and the model's resize under the detectron2 rule give PIL's
+    bilinear pixels exactly."""
+    from maskrt.model.transform import pil_bilinear_resize, resize_image
+    from maskrt.runtime.commands import synthetic_shapes_image
+    from maskrt.runtime.preprocess import letterbox
+
+    rng = np.random.default_rng(3)
+    image = synthetic_shapes_image(427, 640, seed=2)
+    image[:100, :160] = rng.integers(0, 256, (100, 160, 3), dtype=np.uint8)  # noise: every weight shows
+    expected_bgr = pil_bilinear_reference(image, *new_size)
+    expected_rgb = expected_bgr[..., ::-1].transpose(2, 0, 1)
+    rgb = torch.from_numpy(image[..., ::-1].copy()).permute(2, 0, 1).float() / 255.0
+    resized = pil_bilinear_resize(rgb, new_size)
+    np.testing.assert_array_equal((resized.numpy() * 255).round().astype(np.uint8), expected_rgb)
+    if short_long is not None:
+        input_size = (-(-new_size[0] // 32) * 32, -(-new_size[1] // 32) * 32)
+        chw, placed = letterbox(image, input_size, (0.485, 0.456, 0.406), "detectron2", *short_long)
+        assert placed.resized_size == new_size
+        np.testing.assert_array_equal(chw[:, :new_size[0], :new_size[1]], expected_rgb.astype(np.float32) * np.float32(1 / 255))
+        np.testing.assert_array_equal(resize_image(rgb, *short_long, "detectron2").numpy(), chw[:, :new_size[0], :new_size[1]])
 
 
 def test_model_rejects_unknown_rules() -> None:
@@ -388,3 +472,75 @@ def test_rules_survive_save_and_load(tmp_path) -> None:
     assert (plain.rpn.anchor_generator.rule, plain.rpn.rule, plain.roi_heads.mask_roi_pool.level_rule,
             plain.paste_rule) == ("torchvision",) * 4
     assert plain.roi_heads.box_roi_pool.op_canonical_scale == 112.0  # the edge preset's, untouched
+
+
+# --- clipping to the image inside a padded input ---------------------------------------------
+# torchvision clips proposals and detections to `ImageList.image_sizes`, the resized sizes before
+# batching pads them (models/detection/rpn.py `filter_proposals`, roi_heads.py
+# `postprocess_detections`); detectron2 likewise (proposal_generator/proposal_utils.py line 110
+# `boxes.clip(image_size)`, roi_heads/fast_rcnn.py line 159 `boxes.clip(image_shape)`, with
+# `images.image_sizes` from structures/image_list.py `from_tensors`). The exported graph has one
+# input, the padded batch: it reads each image's size from the image_mean padding.
+
+def test_content_sizes_read_the_padding() -> None:
+    from maskrt.model.transform import batch_images, content_sizes
+
+    mean = (0.485, 0.456, 0.406)
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 50, 70, generator=rng), torch.rand(3, 64, 96, generator=rng), torch.rand(3, 1, 1, generator=rng)]
+    batch = batch_images(images, mean)  # [3, 3, 64, 96]
+    fill = torch.tensor(mean).view(1, 3, 1, 1)
+    assert content_sizes(batch, fill).tolist() == [[50, 70], [64, 96], [1, 1]]
+    # One channel of one pixel in the last row/column is enough to count it.
+    batch[0, :, 49, :] = fill[0, :, 0]
+    batch[0, 2, 49, 3] = 0.0
+    assert content_sizes(batch, fill)[0].tolist() == [50, 70]
+    # An image equal to the mean everywhere counts as the whole input.
+    assert content_sizes(fill.expand(1, 3, 64, 96), fill).tolist() == [[64, 96]]
+
+
+def test_detect_batch_clips_to_the_content_as_eager_does() -> None:
+    """detect_batch on a padded batch (what the graph runs) clips as with the true sizes given,
+    and differs from clipping to the padded input (the graph's old rule)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_model import TINY
+
+    from maskrt.model import build_model
+    from maskrt.model.transform import batch_images
+
+    torch.manual_seed(0)
+    model = build_model("edge", num_classes=3, **{**TINY, "box_detections_per_img": 30}).eval()
+    rng = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 70, 90, generator=rng), torch.rand(3, 96, 60, generator=rng)]
+    batch = batch_images(images, model.image_mean)  # 96x96
+    sizes = torch.tensor([[70, 90], [96, 60]])
+    padded = torch.tensor([[96, 96], [96, 96]])
+    with torch.no_grad():
+        derived = model.detect_batch(batch)
+        given = model.detect_batch(batch, sizes)
+        old = model.detect_batch(batch, padded)
+    for a, b in zip(derived, given):
+        assert torch.equal(a, b)
+    boxes, count = derived[1], derived[0]
+    for index, (h, w) in enumerate(sizes.tolist()):
+        kept = boxes[index, :int(count[index])]
+        assert float(kept[:, 0::2].max()) <= w and float(kept[:, 1::2].max()) <= h
+    assert not torch.equal(derived[1], old[1])
+
+
+def test_runtime_metadata_carries_the_resize_rule() -> None:
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.metadata import parse_metadata
+
+    base = {"class_names": '["__background__", "a"]', "input_size": "[256, 384]", "image_mean": "[0.4, 0.4, 0.4]"}
+    info = parse_metadata(base, "old.onnx")  # graphs exported before the keys: torchvision's letterbox
+    assert (info.resize_rule, info.min_size, info.max_size) == ("torchvision", 0, 0)
+    info = parse_metadata({**base, "resize_rule": "detectron2", "min_size": "240", "max_size": "400"}, "d2.onnx")
+    assert (info.resize_rule, info.min_size, info.max_size) == ("detectron2", 240, 400)
+    with pytest.raises(MaskrtError, match="needs 'min_size' and 'max_size'"):
+        parse_metadata({**base, "resize_rule": "detectron2"}, "d2.onnx")
+    with pytest.raises(MaskrtError, match="resize_rule"):
+        parse_metadata({**base, "resize_rule": "pil"}, "x.onnx")

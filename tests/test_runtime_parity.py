@@ -117,3 +117,23 @@ def test_bench_against_eager_times_both_in_one_run(exported, saved_weights, tmp_
     assert report["eager_ms"]["p50"] > 0 and report["detections"] > 10
     assert report["speedup_vs_eager"] == pytest.approx(report["eager_ms"]["p50"] / report["total_ms"]["p50"])
     assert "eager torch" in capsys.readouterr().out
+
+
+def test_runtime_equals_eager_model_when_the_image_does_not_fill_the_input(exported):
+    """110x120 -> 117x128 in the 128x128 input: eager pads it to 128x128 too, and clips boxes
+    to 117x128 (torchvision's transform keeps the sizes before padding); the graph now reads
+    that size from the padding and clips the same (it clipped to 128x128 before)."""
+    model, predictor = exported
+    image = synthetic_shapes_image(110, 120, seed=2)
+    ours = predictor(image)
+    with torch.no_grad():
+        theirs = model([_rgb_tensor(image)])[0]
+    assert predictor.preprocess([image])[1][0].resized_size == (117, 128)
+    assert len(ours) == len(theirs["scores"]) > 10
+    assert (theirs["boxes"][:, 3] == 110).sum() >= 3  # boxes reaching the bottom edge: clipped there
+    assert np.abs(ours.boxes - theirs["boxes"].numpy()).max() < 1e-2
+    np.testing.assert_allclose(ours.scores, theirs["scores"].numpy(), atol=1e-4)
+    assert np.array_equal(ours.labels, theirs["labels"].numpy())
+    eager_masks = theirs["masks"][:, 0].numpy() > 0.5
+    ious = [mask_iou(a, b) for a, b in zip(ours.masks, eager_masks)]
+    assert min(ious) > 0.99 and ours.masks.sum() > 100
