@@ -45,7 +45,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maskrt.errors import MaskrtError
-from maskrt.runtime.masks import crop_to_rle
+from maskrt.runtime.masks import mask_crops_to_rle_strings
 
 MODEL_NAME = "maskrt"
 GRAPH_MODEL_NAME = "maskrt_graph"
@@ -92,11 +92,10 @@ def pack_detections(detections, slots: int) -> dict[str, np.ndarray]:
     boxes[:count] = detections.boxes
     scores[:count] = detections.scores
     labels[:count] = detections.labels
-    crops = detections.mask_crops
-    for i in range(count):
-        x0, y0 = (int(v) for v in crops.origins[i])
-        rle = crop_to_rle(crops.crops[i], (x0, y0), crops.image_size)
-        rles[i] = json.dumps(rle, separators=(",", ":")).encode()
+    # All masks' RLE strings in one NumPy pass over the crops (runtime/masks.py).
+    size = [int(v) for v in detections.image_size]
+    for i, counts in enumerate(mask_crops_to_rle_strings(detections.mask_crops)):
+        rles[i] = json.dumps({"size": size, "counts": counts}, separators=(",", ":")).encode()
     return {"num_dets": np.array([count], np.int32), "boxes": boxes, "scores": scores, "labels": labels,
             "masks_rle": rles}
 
