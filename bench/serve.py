@@ -225,7 +225,9 @@ def main() -> int:
         instances, _, threads = spec.partition("x")
         command = [sys.executable, "-m", "maskrt", "serve", "--model", str(model), "--conf", str(args.conf),
                    "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                   "--instances", instances, "--max-batch", str(args.max_batch)] + (["--threads", threads] if threads else [])
+                   "--instances", instances, "--max-batch", str(args.max_batch)]
+        if threads:
+            command += ["--threads", threads]
         if args.max_queue_delay_us is not None:
             command += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
         logs[spec] = work / f"serve{spec}.out"
@@ -307,8 +309,8 @@ def main() -> int:
             rest = c1["p50_ms"] - c1["server_success_ms"]
             print(f"  {tag}gRPC c1, where the time goes (ms per request): in-process Predictor {base['p50_ms']:.1f}; "
                   f"server {c1['server_success_ms']:.1f} (queue {c1['server_queue_ms']:.1f}, compute "
-                  f"{c1['server_compute_infer_ms']:.1f}, of which packing/RLE {figures['pack_ms']:.1f}); client, transport "
-                  f"and front end {rest:.1f} (p50 - server mean)")
+                  f"{c1['server_compute_infer_ms']:.1f}, of which packing/RLE, best, {figures['pack_ms']:.1f}); "
+                  f"client, transport and front end {rest:.1f} (p50 - server mean)")
             print(f"  packing {detections} masks as COCO RLE (best of 7 x {args.rounds} rounds): "
                   f"{figures['pack_ms']:.1f} ms all at once (the server's), "
                   f"{figures['rle_per_mask_loop_ms']:.1f} ms one mask at a time (crop_to_rle, before)")

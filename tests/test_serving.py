@@ -180,7 +180,8 @@ def test_configs_parse_as_triton_model_configs():
     # Requests that queue while the model is busy are batched anyway: no added wait by default.
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     delayed = maskrt_model_config(30, CLASS_NAMES, {"model_path": "/m.onnx"}, queue_delay_us=500)
-    assert text_format.Parse(delayed, model_config_pb2.ModelConfig()).dynamic_batching.max_queue_delay_microseconds == 500
+    delayed_config = text_format.Parse(delayed, model_config_pb2.ModelConfig())
+    assert delayed_config.dynamic_batching.max_queue_delay_microseconds == 500
 
 
 def test_onnxruntime_threads_are_the_sessions_intra_op_threads(model_path):
