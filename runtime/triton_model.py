@@ -3,8 +3,8 @@
 Runs only inside Triton (it imports ``triton_python_backend_utils``). The model's config
 parameters say what computes the graph:
 
-- ``model_path`` (+ ``backend``, ``plugin``): a Predictor in this process, as ``maskrt serve``
-  writes it;
+- ``model_path`` (+ ``backend``, ``plugin``, ``threads``): a Predictor in this process, as
+  ``maskrt serve`` writes it (``threads``: ONNX Runtime's intra-op threads, `--threads`);
 - ``graph_model`` (+ ``maskrt_metadata``, ``graph_fixed_batch``): the graph is another model of
   the repository (TensorRT plan or ONNX Runtime), called by BLS, as ``maskrt export --triton``
   writes it; letterbox and postprocessing run here.
