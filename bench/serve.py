@@ -1,19 +1,32 @@
-"""Triton serving against the in-process Predictor, same model, one run (docs/serving.md).
+"""Triton serving against the in-process Predictor, same model, same images, one run (docs/serving.md).
 
     .venv/bin/python bench/serve.py                      # exports a seeded edge model at 320x320
-    .venv/bin/python bench/serve.py --model m.onnx --sizes 480x640 1080x1920 --rounds 3
+    .venv/bin/python bench/serve.py --model m.onnx --sizes 1080x1920 input --rounds 5
 
-For each image size: images/s and p50/p99 latency of the in-process ``Predictor`` called
-sequentially, and of `maskrt serve` (Triton, gRPC, dynamic batching) at concurrency 1, 4 and 8
-(one gRPC client per thread). The four measurements are interleaved in ``--rounds`` rounds; the
-report gives each figure's median over the rounds (and min of p50). Goals (the issue's): batch-1
-latency overhead (Triton c1 p50 / in-process p50 - 1) <= 10 %; Triton's c8 throughput >= the
-in-process sequential rate. Client and server share the machine's cores: say so with the figures.
+For each image size (``input`` = the model's input size, no resize): images/s, p50/p99 latency
+and CPU time per image of
+
+- the in-process ``Predictor`` called sequentially (the baseline),
+- `maskrt serve` (Triton, dynamic batching) at concurrency 1 over gRPC and over HTTP (binary
+  tensors), and at the ``--concurrency`` levels over gRPC (one client per thread).
+
+All of them are measured in every round, one after another (interleaved), ``--rounds`` times;
+the report gives each figure's median over the rounds and its min (best) in brackets, and the
+1-minute load average seen at each round's start (the machine may be shared: say so).
+
+It also says where a batch-1 request's time goes: the server's own time for it (Triton's
+statistics: queue, compute), the wire contract's packing (COCO RLE of every mask, timed here on
+the same detections), and the rest (client serialisation, gRPC/HTTP transport, Triton's front
+end); and, for the throughput goal, the CPU time each path spends per image (this process for
+the in-process path and the clients; tritonserver and its Python-backend stubs from /proc).
+Goals (the issue's): batch-1 latency overhead (Triton gRPC c1 p50 / in-process p50 - 1) <= 10 %;
+Triton's throughput at concurrency 8 >= the in-process sequential rate.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_ports(count: int) -> list[int]:
@@ -51,124 +64,269 @@ def export_edge(folder: Path, size: int) -> Path:
     return export_onnx(model, folder / f"edge{size}.onnx", input_size=(size, size))
 
 
-def summary(latencies_s: list[float], wall_s: float) -> dict[str, float]:
+def process_tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of ``root`` and all its live descendants (/proc)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, parent = int(entry), int(fields[1])
+        children.setdefault(parent, []).append(pid)
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def summary(latencies_s: list[float], wall_s: float, cpu_s: float) -> dict[str, float]:
     ms = np.asarray(latencies_s) * 1000.0
     return {"images_per_s": len(ms) / wall_s, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)), "cpu_ms_per_image": 1000.0 * cpu_s / len(ms),
+            "cores_used": cpu_s / wall_s}
 
 
 def run_in_process(predictor, image: np.ndarray, count: int) -> dict[str, float]:
     latencies = []
-    began = time.perf_counter()
+    cpu0, began = time.process_time(), time.perf_counter()
     for _ in range(count):
         t0 = time.perf_counter()
         predictor(image)
         latencies.append(time.perf_counter() - t0)
-    return summary(latencies, time.perf_counter() - began)
-
-
-def run_triton(grpc_url: str, image: np.ndarray, concurrency: int, count: int) -> dict[str, float]:
-    import tritonclient.grpc as grpcclient
-
-    per_thread = max(1, count // concurrency)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    clients = [grpcclient.InferenceServerClient(grpc_url) for _ in range(concurrency)]
-    item = grpcclient.InferInput("image", [1, *image.shape], "UINT8")
-    item.set_data_from_numpy(image[None])
-
-    def worker(client) -> None:
-        mine = []
-        for _ in range(per_thread):
-            t0 = time.perf_counter()
-            result = client.infer("maskrt", [item], client_timeout=300)
-            result.as_numpy("masks_rle")
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
     wall = time.perf_counter() - began
-    for client in clients:
-        client.close()
-    return summary(latencies, wall)
+    return summary(latencies, wall, time.process_time() - cpu0)
+
+
+def time_packing(predictor, image: np.ndarray, slots: int, count: int = 7) -> tuple[float, float]:
+    """Best (min) ms of the wire contract's packing of this image's detections (RLE of every mask, all
+    at once, as the server does), and of the same RLE strings made one mask at a time with
+    ``crop_to_rle`` (what the server did before 2026-11-27), interleaved."""
+    from maskrt.runtime.masks import crop_to_rle
+    from maskrt.runtime.serving import pack_detections
+
+    detections = predictor(image)
+    crops = detections.mask_crops
+    packed, one_by_one = [], []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        pack_detections(detections, slots)
+        t1 = time.perf_counter()
+        for i in range(len(crops)):
+            json.dumps(crop_to_rle(crops.crops[i], crops.origins[i], crops.image_size), separators=(",", ":"))
+        t2 = time.perf_counter()
+        packed.append(t1 - t0)
+        one_by_one.append(t2 - t1)
+    return 1000.0 * min(packed), 1000.0 * min(one_by_one)  # min: the machine may be shared
+
+
+class TritonClients:
+    """tritonclient gRPC and HTTP clients of one server, and its statistics."""
+
+    def __init__(self, grpc_port: int, http_port: int, server_pid: int) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        self.grpc, self.http = grpcclient, httpclient
+        self.grpc_url, self.http_url, self.server_pid = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}", server_pid
+        self.admin = grpcclient.InferenceServerClient(self.grpc_url)
+
+    def statistics(self) -> dict[str, float]:
+        stats = self.admin.get_inference_statistics("maskrt", as_json=True)["model_stats"][0]
+        inference = stats["inference_stats"]
+        out = {f"{k}_ns": float(inference[k].get("ns", 0)) for k in ("success", "queue", "compute_infer")}
+        out["requests"] = float(inference["success"].get("count", 0))
+        out["executions"] = float(stats.get("execution_count", 0))
+        return out
+
+    def run(self, protocol: str, image: np.ndarray, concurrency: int, count: int) -> dict[str, float]:
+        module = self.grpc if protocol == "grpc" else self.http
+        url = self.grpc_url if protocol == "grpc" else self.http_url
+        per_thread = max(1, count // concurrency)
+        latencies: list[float] = []
+        lock = threading.Lock()
+        clients = [module.InferenceServerClient(url) for _ in range(concurrency)]
+
+        def worker(client) -> None:
+            mine = []
+            for _ in range(per_thread):
+                t0 = time.perf_counter()  # serialising the frame is part of the request's cost
+                item = module.InferInput("image", [1, *image.shape], "UINT8")
+                item.set_data_from_numpy(image[None])
+                result = client.infer("maskrt", [item])
+                result.as_numpy("masks_rle")
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+        before = self.statistics()
+        server_cpu0, client_cpu0 = process_tree_cpu_s(self.server_pid), time.process_time()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - began
+        server_cpu = process_tree_cpu_s(self.server_pid) - server_cpu0
+        client_cpu = time.process_time() - client_cpu0
+        after = self.statistics()
+        for client in clients:
+            client.close()
+        figures = summary(latencies, wall, server_cpu + client_cpu)
+        figures["server_cpu_ms_per_image"] = 1000.0 * server_cpu / len(latencies)
+        requests = max(after["requests"] - before["requests"], 1.0)
+        for key in ("success", "queue", "compute_infer"):
+            figures[f"server_{key}_ms"] = (after[f"{key}_ns"] - before[f"{key}_ns"]) / requests / 1e6
+        figures["mean_batch"] = requests / max(after["executions"] - before["executions"], 1.0)
+        return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=".onnx (default: a seeded untrained edge model exported at --export-size)")
     parser.add_argument("--export-size", type=int, default=320)
-    parser.add_argument("--sizes", nargs="+", default=["480x640", "1080x1920"], help="image sizes HxW")
-    parser.add_argument("--count", type=int, default=24, help="requests per measurement")
+    parser.add_argument("--sizes", nargs="+", default=["1080x1920", "input"],
+                        help="image sizes HxW, or 'input' for the model's input size (default: 1080p and input)")
+    parser.add_argument("--count", type=int, default=16, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8], help="gRPC levels besides 1")
     parser.add_argument("--conf", type=float, default=0.0,
                         help="served threshold (default 0: the untrained model's ~0.3 scores fill every slot, "
                         "so the masks and their RLE cost what a full frame of detections costs)")
+    parser.add_argument("--servers", nargs="+", default=["1", "2x1"],
+                        help="server configurations, INSTANCES or INSTANCESxTHREADS (`maskrt serve --instances "
+                        "--threads`): one server each, all measured in every round (default: 1, the defaults; "
+                        "2x1, two single-threaded instances)")
+    parser.add_argument("--max-batch", type=int, default=8, help="`maskrt serve --max-batch`")
+    parser.add_argument("--max-queue-delay-us", type=int, default=None,
+                        help="`maskrt serve --max-queue-delay-us` (default: serve's default)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
     from maskrt.runtime import Predictor
     from maskrt.runtime.commands import synthetic_shapes_image
+    from maskrt.runtime.serving import detections_per_image
 
     work = Path(tempfile.mkdtemp(prefix="maskrt-bench-serve-"))
     model = Path(args.model) if args.model else export_edge(work, args.export_size)
     predictor = Predictor(model, conf=args.conf)
-    http, grpc, metrics = free_ports(3)
-    log = work / "serve.out"
-    server = subprocess.Popen([sys.executable, "-m", "maskrt", "serve", "--model", str(model), "--conf", str(args.conf),
-                               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    slots = detections_per_image(predictor.metadata)
+    servers, commands, logs, ports = {}, {}, {}, {}
+    for spec in args.servers:
+        http, grpc, metrics = free_ports(3)
+        instances, _, threads = spec.partition("x")
+        command = [sys.executable, "-m", "maskrt", "serve", "--model", str(model), "--conf", str(args.conf),
+                   "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                   "--instances", instances, "--max-batch", str(args.max_batch)]
+        if threads:
+            command += ["--threads", threads]
+        if args.max_queue_delay_us is not None:
+            command += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
+        logs[spec] = work / f"serve{spec}.out"
+        servers[spec] = subprocess.Popen(command, stdout=open(logs[spec], "w"), stderr=subprocess.STDOUT)
+        commands[spec], ports[spec] = command[3:], (grpc, http)
+    first = args.servers[0]
+    # (label, server spec, protocol, concurrency): gRPC c1 and the --concurrency levels on every
+    # server; HTTP c1 on the first.
+    paths = [("in-process", "", "", 1)]
+    for spec in args.servers:
+        tag = f"i{spec} " if len(args.servers) > 1 else ""
+        paths.append((f"{tag}grpc c1", spec, "grpc", 1))
+        if spec == first:
+            paths.append((f"{tag}http c1", spec, "http", 1))
+        paths += [(f"{tag}grpc c{c}", spec, "grpc", c) for c in args.concurrency]
     report: dict[str, object] = {"model": str(model), "input_size": list(predictor.input_size), "rounds": args.rounds,
-                                 "count": args.count, "sizes": {}}
+                                 "count": args.count, "servers": commands, "cpus": os.cpu_count(), "sizes": {}}
     try:
-        deadline = time.monotonic() + 180
-        while "ready on Triton" not in log.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"maskrt serve did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.25)
-        url = f"127.0.0.1:{grpc}"
+        deadline = time.monotonic() + 300
+        for spec, server in servers.items():
+            while "ready on Triton" not in logs[spec].read_text():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"maskrt serve did not start:\n{logs[spec].read_text()[-2000:]}")
+                time.sleep(0.25)
+        clients = {spec: TritonClients(*ports[spec], servers[spec].pid) for spec in servers}
         for size in args.sizes:
-            h, w = (int(v) for v in size.lower().split("x"))
+            h, w = predictor.input_size if size == "input" else (int(v) for v in size.lower().split("x"))
             image = synthetic_shapes_image(h, w, seed=0)
             detections = len(predictor(image))
-            run_in_process(predictor, image, 3)  # warm-up both
-            run_triton(url, image, 8, 16)
-            rounds: dict[str, list[dict[str, float]]] = {"in-process": [], "triton c1": [], "triton c4": [],
-                                                         "triton c8": []}
-            for _ in range(args.rounds):  # interleaved: each round measures all four
-                rounds["in-process"].append(run_in_process(predictor, image, args.count))
-                for c in (1, 4, 8):
-                    rounds[f"triton c{c}"].append(run_triton(url, image, c, args.count))
-            figures = {}
+            run_in_process(predictor, image, 3)  # warm-up
+            for spec, client in clients.items():
+                client.run("grpc", image, 8, 16)
+                client.run("http", image, 1, 2)
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _, _, _ in paths}
+            loads, packing, packing_per_mask = [], [], []
+            for _ in range(args.rounds):  # interleaved: each round measures every path
+                loads.append(os.getloadavg()[0])
+                for name, spec, protocol, concurrency in paths:
+                    rounds[name].append(run_in_process(predictor, image, args.count) if not spec else
+                                        clients[spec].run(protocol, image, concurrency, args.count))
+                packed_ms, per_mask_ms = time_packing(predictor, image, slots)
+                packing.append(packed_ms)
+                packing_per_mask.append(per_mask_ms)
+            figures: dict[str, object] = {}
             for name, runs in rounds.items():
-                figures[name] = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
-                figures[name]["p50_ms_min"] = float(min(r["p50_ms"] for r in runs))
-            base = figures["in-process"]
-            figures["batch1_latency_overhead"] = figures["triton c1"]["p50_ms"] / base["p50_ms"] - 1.0
-            figures["c8_throughput_vs_sequential"] = figures["triton c8"]["images_per_s"] / base["images_per_s"]
+                entry = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+                entry["p50_ms_min"] = float(min(r["p50_ms"] for r in runs))
+                entry["images_per_s_max"] = float(max(r["images_per_s"] for r in runs))
+                figures[name] = entry
+            tag = f"i{first} " if len(args.servers) > 1 else ""
+            base, c1 = figures["in-process"], figures[f"{tag}grpc c1"]
+            figures["batch1_latency_overhead"] = c1["p50_ms"] / base["p50_ms"] - 1.0
+            figures["batch1_latency_overhead_best"] = c1["p50_ms_min"] / base["p50_ms_min"] - 1.0
+            top = [name for name, _, _, c in paths if c == max(args.concurrency)]
+            figures["throughput_vs_sequential"] = {name: figures[name]["images_per_s"] / base["images_per_s"]
+                                                   for name in top}
+            figures["throughput_vs_sequential_best"] = {
+                name: figures[name]["images_per_s_max"] / base["images_per_s_max"] for name in top}
+            figures["pack_ms"] = float(min(packing))
+            figures["rle_per_mask_loop_ms"] = float(min(packing_per_mask))
+            figures["load_average_1m"] = loads
             figures["detections_per_image"] = detections
             report["sizes"][size] = figures  # type: ignore[index]
-            print(f"{size} images, {detections} detections each, model input "
-                  f"{predictor.input_size[0]}x{predictor.input_size[1]} "
-                  f"(medians of {args.rounds} interleaved rounds x {args.count} requests):")
-            for name in rounds:
+            print(f"{h}x{w} images ({size}), {detections} detections each, model input "
+                  f"{predictor.input_size[0]}x{predictor.input_size[1]}; median [best] of {args.rounds} interleaved "
+                  f"rounds x {args.count} requests; load average at each round's start: "
+                  f"{', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} CPUs")
+            print(f"  {'path':<13} {'images/s':>16} {'p50 ms':>16} {'p99 ms':>8} {'CPU ms/image':>13} "
+                  f"{'cores':>6} {'server CPU':>11} {'server ms/req':>14} {'queue ms':>9} {'batch':>6}")
+            for name, _, _, _ in paths:
                 f = figures[name]
-                print(f"  {name:<11} {f['images_per_s']:7.2f} images/s   p50 {f['p50_ms']:8.1f} ms   "
-                      f"p99 {f['p99_ms']:8.1f} ms")
-            print(f"  batch-1 latency overhead {100 * figures['batch1_latency_overhead']:+.1f} % (goal <= +10 %); "
-                  f"c8 throughput {figures['c8_throughput_vs_sequential']:.2f}x the in-process sequential rate "
-                  f"(goal >= 1.00x)", flush=True)
+                best = f"[{f['images_per_s_max']:.2f}]"
+                line = (f"  {name:<13} {f['images_per_s']:8.2f} {best:>7} {f['p50_ms']:8.1f} [{f['p50_ms_min']:5.1f}] "
+                        f"{f['p99_ms']:8.1f} {f['cpu_ms_per_image']:13.1f} {f['cores_used']:6.2f}")
+                if name != "in-process":
+                    line += (f" {f['server_cpu_ms_per_image']:11.1f} {f['server_success_ms']:14.1f} "
+                             f"{f['server_queue_ms']:9.1f} {f['mean_batch']:6.2f}")
+                print(line)
+            rest = c1["p50_ms"] - c1["server_success_ms"]
+            print(f"  {tag}gRPC c1, where the time goes (ms per request): in-process Predictor {base['p50_ms']:.1f}; "
+                  f"server {c1['server_success_ms']:.1f} (queue {c1['server_queue_ms']:.1f}, compute "
+                  f"{c1['server_compute_infer_ms']:.1f}, of which packing/RLE, best, {figures['pack_ms']:.1f}); "
+                  f"client, transport and front end {rest:.1f} (p50 - server mean)")
+            print(f"  packing {detections} masks as COCO RLE (best of 7 x {args.rounds} rounds): "
+                  f"{figures['pack_ms']:.1f} ms all at once (the server's), "
+                  f"{figures['rle_per_mask_loop_ms']:.1f} ms one mask at a time (crop_to_rle, before)")
+            ratios = ", ".join(f"{name} {figures['throughput_vs_sequential'][name]:.2f}x "
+                               f"[{figures['throughput_vs_sequential_best'][name]:.2f}x]" for name in top)
+            print(f"  batch-1 latency overhead {100 * figures['batch1_latency_overhead']:+.1f} % "
+                  f"[best p50s: {100 * figures['batch1_latency_overhead_best']:+.1f} %] (goal <= +10 %); "
+                  f"throughput / in-process sequential rate: {ratios} (goal >= 1.00x)", flush=True)
     finally:
-        server.terminate()
-        try:
-            server.wait(40)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for server in servers.values():
+            server.terminate()
+        for server in servers.values():
+            try:
+                server.wait(40)
+            except subprocess.TimeoutExpired:
+                server.kill()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -344,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     se.add_argument("--max-batch", type=int, default=8, help="largest batch the dynamic batcher forms (default 8)")
     se.add_argument("--instances", type=int, default=1, help="model instances (processes) serving in parallel")
+    se.add_argument("--threads", type=int,
+                    help="ONNX Runtime intra-op threads per instance (default: one per core); on a CPU server "
+                    "`--instances 2 --threads 1` runs two graphs side by side")
+    se.add_argument("--max-queue-delay-us", type=int, default=0,
+                    help="how long (microseconds) the dynamic batcher holds a request to wait for others "
+                    "(default 0: requests that queue while the model is busy are batched anyway)")
     se.add_argument("--conf", type=float, default=0.5, help="keep detections with score >= conf (default 0.5)")
     se.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                     help="what runs the graph inside the server (default: by file suffix)")

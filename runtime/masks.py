@@ -133,3 +133,86 @@ def crop_to_rle(crop: np.ndarray, origin: tuple[int, int], image_size: tuple[int
     ``{"size": [h, w], "counts": str}`` (pycocotools.mask.encode's, with str counts)."""
     h, w = image_size
     return {"size": [int(h), int(w)], "counts": rle_counts_to_string(crop_rle_counts(crop, origin, image_size))}
+
+
+def mask_crops_to_rle_strings(mask_crops: MaskCrops) -> list[str]:
+    """Every crop's COCO compressed RLE ``counts`` string at once (what ``crop_to_rle`` gives each,
+    character for character), for serving: one pass of NumPy over all N crops instead of ~15
+    small NumPy calls per crop, and only the crops' pixels are read (no full-height strip).
+
+    The crops are laid out column-major, one after another, each column with a zero row above
+    and below, so that every run of ones starts and ends inside its own column. Runs are mapped
+    to full-image positions ``x * h + y``; a run that ends at the bottom of a column and one that
+    starts at the top of the next are one run in the image and are joined. The cost grows with
+    the crops' pixels and runs; timings against ``crop_to_rle`` in a loop: docs/serving.md."""
+    h, w = mask_crops.image_size
+    total = int(h) * int(w)
+    count = len(mask_crops)
+    if count == 0:
+        return []
+    heights = np.array([c.shape[0] if c.size else 0 for c in mask_crops.crops], np.int64)
+    widths = np.array([c.shape[1] if c.size else 0 for c in mask_crops.crops], np.int64)
+    lengths = widths * (heights + 2)
+    offsets = np.zeros(count + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    strip = np.zeros(int(offsets[-1]) + 1, bool)  # one zero past the end closes the last run
+    for i, crop in enumerate(mask_crops.crops):
+        if lengths[i]:
+            strip[offsets[i]:offsets[i + 1]].reshape(widths[i], heights[i] + 2)[:, 1:-1] = crop.T != 0
+    # Transitions k: strip[k] != strip[k-1]; a run of ones is [start, end) with both in one column.
+    changes = np.flatnonzero(strip[1:] != strip[:-1]) + 1
+    owner = np.searchsorted(offsets, changes, side="right") - 1
+    local = changes - offsets[owner]
+    column, row = np.divmod(local, heights[owner] + 2)
+    origins = np.asarray(mask_crops.origins, np.int64).reshape(count, 2)
+    positions = (origins[owner, 0] + column) * h + origins[owner, 1] + row - 1
+    # Join a run ending at a column's foot to one starting at the next column's head (equal positions).
+    joined = np.zeros(positions.size, bool)
+    if positions.size > 1:
+        same = (positions[1:] == positions[:-1]) & (owner[1:] == owner[:-1])
+        joined[1:] |= same
+        joined[:-1] |= same
+    positions, owner = positions[~joined], owner[~joined]
+    # Boundaries per crop: its run positions, then the image's end; counts are their differences.
+    ends = np.searchsorted(owner, np.arange(count), side="right")
+    bounds = np.insert(positions, ends, total)
+    bound_owner = np.insert(owner, ends, np.arange(count))
+    first = np.ones(bounds.size, bool)
+    first[1:] = bound_owner[1:] != bound_owner[:-1]
+    previous = np.empty_like(bounds)
+    previous[0] = 0
+    previous[1:] = bounds[:-1]
+    previous[first] = 0
+    counts = bounds - previous
+    # The image's end is not a run of zeros when the last run of ones reaches it: drop that 0.
+    sentinel = ends + np.arange(count)
+    drop = np.zeros(bounds.size, bool)
+    drop[sentinel[counts[sentinel] == 0]] = True
+    counts, bound_owner, first = counts[~drop], bound_owner[~drop], first[~drop]
+    # rleToString: from each crop's 4th count on, store the difference from the count two before.
+    starts = np.flatnonzero(first)
+    index_in_crop = np.arange(counts.size) - np.repeat(starts, np.diff(np.append(starts, counts.size)))
+    values = counts.copy()
+    later = np.flatnonzero(index_in_crop >= 3)
+    values[later] -= counts[later - 2]
+    # Each value takes the fewest 5-bit characters that hold it in two's complement (C's loop
+    # stops there): 1 for -16..15, 2 for -512..511, ... Lay them out, then fill one digit at a time.
+    characters = np.ones(values.size, np.int64)
+    limit = 16
+    while True:
+        longer = (values >= limit) | (values < -limit)
+        if not longer.any():
+            break
+        characters += longer
+        limit <<= 5
+    places = np.cumsum(characters) - characters
+    text_codes = np.empty(int(characters.sum()), np.uint8)
+    for digit in range(int(characters.max())):
+        which = np.flatnonzero(characters > digit)
+        chunk = (values[which] >> (5 * digit)) & 0x1F
+        chunk |= np.where(characters[which] > digit + 1, 0x20, 0)
+        text_codes[places[which] + digit] = chunk + 48
+    text = text_codes.tobytes().decode("ascii")
+    cuts = np.zeros(count + 1, np.int64)
+    np.cumsum(np.bincount(bound_owner, weights=characters, minlength=count).astype(np.int64), out=cuts[1:])
+    return [text[cuts[i]:cuts[i + 1]] for i in range(count)]

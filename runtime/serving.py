@@ -45,7 +45,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maskrt.errors import MaskrtError
-from maskrt.runtime.masks import crop_to_rle
+from maskrt.runtime.masks import mask_crops_to_rle_strings
 
 MODEL_NAME = "maskrt"
 GRAPH_MODEL_NAME = "maskrt_graph"
@@ -92,11 +92,10 @@ def pack_detections(detections, slots: int) -> dict[str, np.ndarray]:
     boxes[:count] = detections.boxes
     scores[:count] = detections.scores
     labels[:count] = detections.labels
-    crops = detections.mask_crops
-    for i in range(count):
-        x0, y0 = (int(v) for v in crops.origins[i])
-        rle = crop_to_rle(crops.crops[i], (x0, y0), crops.image_size)
-        rles[i] = json.dumps(rle, separators=(",", ":")).encode()
+    # All masks' RLE strings in one NumPy pass over the crops (runtime/masks.py).
+    size = [int(v) for v in detections.image_size]
+    for i, counts in enumerate(mask_crops_to_rle_strings(detections.mask_crops)):
+        rles[i] = json.dumps({"size": size, "counts": counts}, separators=(",", ":")).encode()
     return {"num_dets": np.array([count], np.int32), "boxes": boxes, "scores": scores, "labels": labels,
             "masks_rle": rles}
 
@@ -126,13 +125,15 @@ def _parameters_text(parameters: Mapping[str, str]) -> str:
 
 
 def maskrt_model_config(slots: int, class_names: Sequence[str], parameters: Mapping[str, str],
-                        max_batch: int = 8, instances: int = 1, queue_delay_us: int = 2000) -> str:
+                        max_batch: int = 8, instances: int = 1, queue_delay_us: int = 0) -> str:
     """config.pbtxt of the ``maskrt`` Python-backend model (text format of Triton's ModelConfig).
     ``parameters`` tell triton_model.py what to run; class_names and detections are added."""
     if max_batch < 1:
         raise MaskrtError(f"--max-batch must be at least 1, got {max_batch}")
     if instances < 1:
         raise MaskrtError(f"--instances must be at least 1, got {instances}")
+    if queue_delay_us < 0:
+        raise MaskrtError(f"--max-queue-delay-us must be 0 or more, got {queue_delay_us}")
     outputs = []
     for name, dtype, dims in OUTPUTS:
         shape = ", ".join(str(slots) if d == "D" else d for d in dims)
@@ -344,11 +345,17 @@ def stop_tritonserver(process: subprocess.Popen, grace_s: float = EXIT_TIMEOUT_S
     return int(process.returncode)
 
 
-def serve_repository_parameters(model: str, backend: str, conf: float, plugin: str | None) -> dict[str, str]:
-    """Parameters of the ``maskrt`` model that runs the graph in-process (``maskrt serve``)."""
+def serve_repository_parameters(model: str, backend: str, conf: float, plugin: str | None,
+                                threads: int | None = None) -> dict[str, str]:
+    """Parameters of the ``maskrt`` model that runs the graph in-process (``maskrt serve``);
+    ``threads``: ONNX Runtime's intra-op threads per instance (None: ORT's default)."""
     parameters = {"model_path": str(Path(model).resolve()), "backend": backend, "conf": str(conf)}
     if plugin:
         parameters["plugin"] = str(Path(plugin).resolve())
+    if threads is not None:
+        if threads < 1:
+            raise MaskrtError(f"--threads must be at least 1, got {threads}")
+        parameters["threads"] = str(threads)
     return parameters
 
 
@@ -364,11 +371,15 @@ def serve_command(args: argparse.Namespace) -> int:
         raise MaskrtError("--http-port, --grpc-port and --metrics-port must differ")
     # Open the model here first: a bad model is one clear line, not a Triton log.
     predictor = Predictor(args.model, backend=args.backend, conf=args.conf, plugin=args.plugin)
+    if args.threads is not None and predictor.backend.name != "onnxruntime":
+        raise MaskrtError(f"--threads applies to ONNX Runtime models only, not {predictor.backend.name}")
     slots = detections_per_image(predictor.metadata, lambda: predictor.infer(predictor.preprocess(
         [np.zeros((32, 32, 3), np.uint8)])[0]))
     config = maskrt_model_config(slots, predictor.class_names,
-                                 serve_repository_parameters(args.model, args.backend, args.conf, args.plugin),
-                                 max_batch=args.max_batch, instances=args.instances)
+                                 serve_repository_parameters(args.model, args.backend, args.conf, args.plugin,
+                                                             args.threads),
+                                 max_batch=args.max_batch, instances=args.instances,
+                                 queue_delay_us=args.max_queue_delay_us)
     del predictor
     workdir = Path(tempfile.mkdtemp(prefix="maskrt-serve-"))
     log_path = Path(args.log) if args.log else workdir / "tritonserver.log"

@@ -3,8 +3,8 @@
 Runs only inside Triton (it imports ``triton_python_backend_utils``). The model's config
 parameters say what computes the graph:
 
-- ``model_path`` (+ ``backend``, ``plugin``): a Predictor in this process, as ``maskrt serve``
-  writes it;
+- ``model_path`` (+ ``backend``, ``plugin``, ``threads``): a Predictor in this process, as
+  ``maskrt serve`` writes it (``threads``: ONNX Runtime's intra-op threads, `--threads`);
 - ``graph_model`` (+ ``maskrt_metadata``, ``graph_fixed_batch``): the graph is another model of
   the repository (TensorRT plan or ONNX Runtime), called by BLS, as ``maskrt export --triton``
   writes it; letterbox and postprocessing run here.
@@ -21,7 +21,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
 from maskrt.errors import MaskrtError
-from maskrt.runtime.backends import OUTPUT_NAMES as GRAPH_OUTPUT_NAMES
+from maskrt.runtime.backends import OUTPUT_NAMES as GRAPH_OUTPUT_NAMES, check_model_file, choose_backend
+from maskrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from maskrt.runtime.predictor import Predictor
 from maskrt.runtime.serving import INPUT_NAME, OUTPUT_NAMES, image_problem, pack_detections
 
@@ -57,7 +58,14 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         conf = float(parameters.get("conf", "0.5"))
         self.slots = int(parameters["detections"])
-        if parameters.get("model_path"):
+        if parameters.get("model_path") and parameters.get("threads"):
+            # ONNX Runtime with a set number of intra-op threads (`maskrt serve --threads`).
+            path = check_model_file(parameters["model_path"])
+            if choose_backend(path, parameters.get("backend", "auto")) != "onnxruntime":
+                raise MaskrtError("--threads applies to ONNX Runtime models only")
+            backend = OnnxRuntimeBackend(path, threads=int(parameters["threads"]))
+            self.predictor = Predictor.from_backend(backend, conf=conf, source=str(path))
+        elif parameters.get("model_path"):
             self.predictor = Predictor(parameters["model_path"], backend=parameters.get("backend", "auto"), conf=conf,
                                        plugin=parameters.get("plugin") or None)
         else:

@@ -11,7 +11,7 @@ import pytest
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import class_color, draw_detections, draw_label
 from maskrt.runtime.masks import (MaskCrops, crop_rle_counts, crop_to_full_mask, crop_to_rle, crops_from_full_masks,
-                                  rle_counts_to_string)
+                                  mask_crops_to_rle_strings, rle_counts_to_string)
 from maskrt.runtime.postprocess import MASK_THRESHOLD, expand_boxes, paste_mask_crops, paste_masks
 from maskrt.runtime.predictor import Detections
 from test_runtime_fakes import CLASS_NAMES
@@ -197,6 +197,37 @@ def test_rle_of_a_crop_is_pycocotools_rle_of_its_full_mask():
         assert crop_to_rle(crop, (x0, y0), (mh, mw))["counts"] == expected["counts"].decode("ascii")
     ones = mask_api.encode(np.asfortranarray(np.ones((5, 4), np.uint8)))
     assert crop_to_rle(np.ones((5, 4), bool), (0, 0), (5, 4))["counts"] == ones["counts"].decode("ascii")
+
+
+def test_rle_of_all_crops_at_once_is_pycocotools_rle_of_each_full_mask():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    h, w = 97, 131
+    masks, boxes, _, _ = random_detections(40, h, w, 11)
+    crops = paste_mask_crops(masks, boxes, (h, w))
+    full = crops.full()
+    expected = [mask_api.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode("ascii") for m in full]
+    assert mask_crops_to_rle_strings(crops) == expected
+    assert mask_crops_to_rle_strings(MaskCrops((), np.zeros((0, 2), np.int64), (h, w))) == []
+    # Random sets of crops: empty, all ones, whole-image, touching the first and last pixel,
+    # whole columns (a run that goes on into the next column is one run), tiny images.
+    rng = np.random.default_rng(13)
+    for _ in range(400):
+        mh, mw = (int(v) for v in rng.integers(1, 25, 2))
+        crops_list, origins = [], []
+        for _ in range(int(rng.integers(0, 6))):
+            x0, y0 = int(rng.integers(0, mw)), int(rng.integers(0, mh))
+            crop_h, crop_w = int(rng.integers(0, mh - y0 + 1)), int(rng.integers(0, mw - x0 + 1))
+            if rng.random() < 0.2:
+                x0, y0, crop_h, crop_w = 0, 0, mh, mw
+            crop = rng.random((crop_h, crop_w)) < rng.random()
+            if rng.random() < 0.15:
+                crop[:] = True
+            crops_list.append(crop)
+            origins.append((x0, y0))
+        batch = MaskCrops(tuple(crops_list), np.array(origins, np.int64).reshape(-1, 2), (mh, mw))
+        expected = [mask_api.encode(np.asfortranarray(crop_to_full_mask(c, o, (mh, mw)).astype(np.uint8)))["counts"]
+                    .decode("ascii") for c, o in zip(crops_list, origins)]
+        assert mask_crops_to_rle_strings(batch) == expected
 
 
 def test_rle_string_worked_example():

@@ -32,7 +32,8 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: int = 0, providers: Sequence | None = None) -> None:
+    def __init__(self, path: Path, device: int = 0, providers: Sequence | None = None,
+                 threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -45,6 +46,13 @@ class OnnxRuntimeBackend:
         # the 2-core machine (shared): engine alone 2.45 vs 1.57 images/s, 1080p loop 1.52 vs
         # 1.22 FPS without spinning (docs/runtime.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # threads: intra-op threads (default ORT's, one per physical core). `maskrt serve
+        # --threads 1 --instances 2` runs two single-threaded graphs side by side instead of one
+        # graph on two threads: less CPU per image on a CPU server (docs/serving.md).
+        if threads is not None:
+            if threads < 1:
+                raise MaskrtError(f"ONNX Runtime threads must be at least 1, got {threads}")
+            options.intra_op_num_threads = int(threads)
         with open(self.path, "rb") as handle:
             needs_custom_ops = CUSTOM_OP_MARKER in handle.read()
         model: str | bytes = str(self.path)
