@@ -6,14 +6,17 @@ measured side by side in one run (the variants interleaved round by round).
 Variants:
 - before: frozen BN as a separate scale-and-shift after each conv, RoIAlign forward on the
   pure-PyTorch path (the code before the native kernel);
-- fold_bn: frozen BN folded into the convs (model/backbone.py ``conv_norm``);
-- native: the native CPU RoIAlign forward (model/ops/native_cpu.py);
-- both: fold_bn + native, NCHW activations;
-- default: both, with channels-last activations (``MaskRCNN.forward_eval`` on the CPU), the
-  model's default now.
+- fold_bn+native RoIAlign: frozen BN folded into the convs (model/backbone.py ``conv_norm``) and
+  the native CPU RoIAlign forward (model/ops/native_cpu.py), NCHW activations;
+- + native NMS: fold_bn + native RoIAlign + the native NMS (model/ops/native/nms_cpu.cpp), NCHW;
+- + channels-last: and channels-last activations (``MaskRCNN.forward_eval`` on the CPU);
+- default (+ fused convs): and conv + ReLU / conv + residual add as one oneDNN call
+  (``backbone.fused_conv``): the model's default;
+- torchvision (stand-in): torchvision's forward estimated from parts that run here (see
+  ``TorchvisionStandIn``).
 Random weights (``build_model``), one random image, the preset's own detection count (r50_fpn:
 100 detections, masks computed for all of them). Prints min / median seconds per variant and
-the ratio of medians to ``before``.
+the ratios of medians to ``before`` and to the torchvision stand-in.
 """
 from __future__ import annotations
 
@@ -36,18 +39,18 @@ _nms_module = importlib.import_module("maskrt.model.ops.nms")
 
 
 @contextlib.contextmanager
-def _levers(fold_bn: bool, native: bool, channels_last: bool, native_nms: bool | None = None):
+def _levers(fold_bn: bool, native: bool, channels_last: bool, native_nms: bool | None = None, fused: bool = False):
     """The speed levers on or off inside the block (native_nms defaults to native)."""
     native_nms = native if native_nms is None else native_nms
     saved = (backbone.FOLD_FROZEN_BN, _roi_align_module._NATIVE_CPU, mask_rcnn.CHANNELS_LAST_CPU,
-             _nms_module._NATIVE_CPU)
+             _nms_module._NATIVE_CPU, backbone.FUSED_CPU_INFERENCE)
     (backbone.FOLD_FROZEN_BN, _roi_align_module._NATIVE_CPU, mask_rcnn.CHANNELS_LAST_CPU,
-     _nms_module._NATIVE_CPU) = fold_bn, native, channels_last, native_nms
+     _nms_module._NATIVE_CPU, backbone.FUSED_CPU_INFERENCE) = fold_bn, native, channels_last, native_nms, fused
     try:
         yield
     finally:
         (backbone.FOLD_FROZEN_BN, _roi_align_module._NATIVE_CPU, mask_rcnn.CHANNELS_LAST_CPU,
-         _nms_module._NATIVE_CPU) = saved
+         _nms_module._NATIVE_CPU, backbone.FUSED_CPU_INFERENCE) = saved
 
 
 # --- torchvision's forward, estimated from parts that run here --------------------------------
@@ -188,10 +191,11 @@ def main() -> None:
         "before": lambda: _levers(False, False, False),
         "fold_bn+native RoIAlign": lambda: _levers(True, True, False, False),
         "+ native NMS": lambda: _levers(True, True, False, True),
-        "default (+ channels-last)": lambda: _levers(True, True, True, True),
+        "+ channels-last": lambda: _levers(True, True, True, True),
+        "default (+ fused convs)": lambda: _levers(True, True, True, True, True),
     }
     if args.only:
-        variants = {name: variants[name] for name in variants if name in ("torchvision (stand-in)", "default (+ channels-last)")}
+        variants = {name: variants[name] for name in variants if name in ("torchvision (stand-in)", "default (+ fused convs)")}
     print(f"torch {torch.__version__}, threads {args.threads}, preset {args.preset}, {args.size} px, "
           f"{args.rounds} interleaved rounds, {args.clock} clock, native RoIAlign {'available' if native_cpu.enabled() else 'UNAVAILABLE'}")
     clock = time.perf_counter if args.clock == "wall" else time.process_time

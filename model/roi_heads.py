@@ -266,7 +266,17 @@ class RoIHeads(nn.Module):
         det_scores = torch.gather(scores, 1, index) * kept_float
         det_labels = torch.gather(labels, 1, index) * kept.to(torch.int64)
         num_dets = kept.sum(dim=1).to(torch.int32)
-        masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
+        if torch.compiler.is_compiling() or det_boxes.shape[1] == 0:
+            # The graph (export, torch.compile): static shapes, masks for every detection slot.
+            masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
+        else:
+            # Eager: the mask head only on the slots some image fills (kept detections come first),
+            # as torchvision runs it on its kept detections; the empty slots' masks are 0 either way.
+            filled = max(int(num_dets.max()), 1)
+            size = self._mask_size()
+            masks = det_boxes.new_zeros((batch, det_boxes.shape[1], size, size))
+            masks[:, :filled] = self.mask_probabilities(features, det_boxes[:, :filled], det_labels[:, :filled],
+                                                        padded_size) * kept_float[:, :filled, None, None]
         return num_dets, det_boxes, det_scores, det_labels, masks
 
     @staticmethod
