@@ -3,6 +3,8 @@
 give the numbers of the plain module path, and run only where they apply."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -108,3 +110,36 @@ def test_eager_inference_is_the_same_with_and_without_the_fast_paths(monkeypatch
     # few pixels on steep mask edges by up to ~2e-4.
     torch.testing.assert_close(fast["masks"], expected["masks"], rtol=0, atol=1e-3)
     assert float((fast["masks"] - expected["masks"]).abs().mean()) < 1e-6
+
+
+def test_eager_detect_runs_the_mask_head_on_the_filled_slots_only(monkeypatch):
+    """Eager `detect_batch` computes masks for the slots some image fills; the static-shape graph
+    path (what export traces) computes all; the outputs are identical."""
+    torch.manual_seed(5)
+    model = build_model("r50_fpn", 4, min_size=96, max_size=96, backbone_width=8, fpn_channels=16,
+                        representation_size=32, mask_layers=[16], mask_dim_reduced=16, rpn_pre_nms_top_n_test=100,
+                        rpn_post_nms_top_n_test=60, box_detections_per_img=200, box_score_thresh=0.3).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0.0, 0.5)
+    images = torch.rand(2, 3, 96, 96)
+    rows = []
+    original = model.roi_heads.mask_probabilities
+
+    def recording(features, boxes, labels, padded_size):
+        rows.append(boxes.shape[1])
+        return original(features, boxes, labels, padded_size)
+
+    monkeypatch.setattr(model.roi_heads, "mask_probabilities", recording)
+    # The RoIAlign forward on its PyTorch path in both runs (the patched is_compiling below takes it).
+    monkeypatch.setattr(importlib.import_module("maskrt.model.ops.roi_align"), "_NATIVE_CPU", False)
+    with torch.no_grad():
+        eager = model.detect_batch(images)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        graph = model.detect_batch(images)
+    filled = int(eager[0].max())
+    assert 0 < filled < 200 and rows == [filled, 200]
+    for got, want in zip(eager[:4], graph[:4]):
+        assert torch.equal(got, want)
+    # The mask FCN on fewer rows may pick another oneDNN kernel: float32 rounding.
+    torch.testing.assert_close(eager[4], graph[4], rtol=1e-5, atol=1e-5)
+    assert graph[4][:, filled:].abs().sum() == 0
