@@ -231,7 +231,7 @@ def _fused_block(block: nn.Module, x: Tensor, inner: Sequence[tuple[nn.Conv2d, n
                  last: tuple[nn.Conv2d, nn.Module]) -> Tensor | None:
     """A residual block on the fused path (`fused_conv`): conv + ReLU for each of `inner`, then the
     last conv with the shortcut added and the ReLU; None where the fused path does not apply."""
-    if _observed(block, block.relu):
+    if _observed(block, block.relu, *([block.downsample] if block.downsample is not None else [])):
         return None
     if block.downsample is None:
         identity = x
