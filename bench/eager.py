@@ -208,7 +208,8 @@ def main() -> None:
             if reference is None:
                 reference = result
             else:
-                worst = max(float((result[key].float() - reference[key].float()).abs().max()) for key in ("boxes", "scores", "masks"))
+                worst = max((float((result[key].float() - reference[key].float()).abs().max())
+                             for key in ("boxes", "scores", "masks") if result[key].numel()), default=0.0)
                 print(f"  {name}: {len(result['boxes'])} detections, largest difference to the first {worst:.2e}")
         for _ in range(args.rounds):
             for name, variant in variants.items():
