@@ -11,7 +11,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrt.model.backbone import ResNet, _observed, fused_conv, make_norm
+from maskrt.model.backbone import ResNet, make_norm
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, norm: str | None = None,
@@ -65,14 +65,10 @@ class FeaturePyramidNetwork(nn.Module):
         last_inner = self.inner_blocks[-1](features[-1])
         results = [self.layer_blocks[-1](last_inner)]
         for index in range(len(features) - 2, -1, -1):
-            # Nearest upsampling to the lateral's exact size (odd sizes do not double evenly; the
-            # 1x1 lateral conv keeps the size of its input).
-            top_down = F.interpolate(last_inner, size=features[index].shape[-2:], mode="nearest")
-            inner = self.inner_blocks[index]
-            # Eager CPU inference: the lateral conv with the top-down addition fused (backbone.fused_conv).
-            fused = None if _observed(inner) else fused_conv(inner[0], inner[1] if len(inner) > 1 else None,
-                                                             features[index], add=top_down)
-            last_inner = fused if fused is not None else inner(features[index]) + top_down
+            lateral = self.inner_blocks[index](features[index])
+            # Nearest upsampling to the lateral's exact size (odd sizes do not double evenly).
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = lateral + top_down
             results.insert(0, self.layer_blocks[index](last_inner))
         results.append(self.extra_blocks(results[-1]))
         return results
