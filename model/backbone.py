@@ -104,6 +104,52 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return norm(conv(x))
 
 
+# Eager CPU inference fuses conv + (folded frozen BN) + ReLU, and conv + residual add, into one
+# oneDNN call each (bench/eager.py switches it off to measure the gain).
+FUSED_CPU_INFERENCE = True
+_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def _fused_weights(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of conv then norm as one conv, or None where norm is not a frozen BN (or none)."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return conv.weight, conv.bias
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale, shift = norm.scale_shift()
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+    return None
+
+
+def fused_conv(conv: nn.Conv2d, norm: nn.Module | None, x: Tensor, relu: bool = False,
+               add: Tensor | None = None) -> Tensor | None:
+    """relu(norm(conv(x)) [+ add]) as one oneDNN convolution with the ReLU or the addition fused
+    into it (`torch.ops.mkldnn._convolution_pointwise`, the op torch.compile's CPU backend emits),
+    or None where that path does not apply: it runs only for eager float32 CPU inference on
+    channels-last activations (`MaskRCNN.forward_eval`) without autograd, tracing or hooks, and
+    only for a frozen BN (folded) or no norm. The activations are written once instead of two or
+    three times; the numbers are those of the separate ops (to float32 rounding).
+
+    x [N, C, H, W] channels-last, add [N, C_out, H_out, W_out] -> [N, C_out, H_out, W_out]."""
+    if not (FUSED_CPU_INFERENCE and _POINTWISE is not None and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()):
+        return None
+    if _observed(conv, *(m for m in (norm,) if m is not None)):
+        return None
+    weights = _fused_weights(conv, norm)
+    if weights is None:
+        return None
+    weight, bias = weights
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if add is None:
+        return _POINTWISE(x, weight, bias, *geometry, "relu" if relu else "none", [], "")
+    out = _POINTWISE.binary(x, add, weight, bias, *geometry, "add", None, None, [], None)
+    return out.relu_() if relu else out
+
+
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
 
@@ -137,6 +183,9 @@ class BasicBlock(nn.Module):
         self.downsample = _projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = _fused_block(self, x, ((self.conv1, self.bn1),), (self.conv2, self.bn2))
+        if fused is not None:
+            return fused
         identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = conv_norm(self.conv2, self.bn2, out)
@@ -168,11 +217,34 @@ class Bottleneck(nn.Module):
         self.downsample = _projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = _fused_block(self, x, ((self.conv1, self.bn1), (self.conv2, self.bn2)), (self.conv3, self.bn3))
+        if fused is not None:
+            return fused
         identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = self.relu(conv_norm(self.conv2, self.bn2, out))
         out = conv_norm(self.conv3, self.bn3, out)
         return self.relu(out + identity)
+
+
+def _fused_block(block: nn.Module, x: Tensor, inner: Sequence[tuple[nn.Conv2d, nn.Module]],
+                 last: tuple[nn.Conv2d, nn.Module]) -> Tensor | None:
+    """A residual block on the fused path (`fused_conv`): conv + ReLU for each of `inner`, then the
+    last conv with the shortcut added and the ReLU; None where the fused path does not apply."""
+    if _observed(block, block.relu, *([block.downsample] if block.downsample is not None else [])):
+        return None
+    if block.downsample is None:
+        identity = x
+    else:
+        identity = fused_conv(block.downsample[0], block.downsample[1], x)
+        if identity is None:
+            return None
+    out = x
+    for conv, norm in inner:
+        out = fused_conv(conv, norm, out, relu=True)
+        if out is None:
+            return None
+    return fused_conv(last[0], last[1], out, relu=True, add=identity)
 
 
 RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -243,7 +315,8 @@ class ResNet(nn.Module):
                 parameter.requires_grad_(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
+        stem = fused_conv(self.conv1, self.bn1, x, relu=True) if not _observed(self.relu) else None
+        x = self.maxpool(stem if stem is not None else self.relu(conv_norm(self.conv1, self.bn1, x)))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
@@ -251,5 +324,5 @@ class ResNet(nn.Module):
         return [c2, c3, c4, c5]
 
 
-__all__: Sequence[str] = ["FrozenBatchNorm2d", "conv_norm", "BasicBlock", "Bottleneck", "ResNet", "make_norm",
+__all__: Sequence[str] = ["FrozenBatchNorm2d", "conv_norm", "fused_conv", "BasicBlock", "Bottleneck", "ResNet", "make_norm",
                           "group_norm_groups", "NORM_KINDS"]

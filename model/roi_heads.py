@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from maskrt.errors import MaskrtError
 from maskrt.model import ops
+from maskrt.model.backbone import _observed
 from maskrt.model.fpn import conv_norm_act
 from maskrt.model.matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
 from maskrt.model.rpn import clip_boxes_batched
@@ -266,7 +267,17 @@ class RoIHeads(nn.Module):
         det_scores = torch.gather(scores, 1, index) * kept_float
         det_labels = torch.gather(labels, 1, index) * kept.to(torch.int64)
         num_dets = kept.sum(dim=1).to(torch.int32)
-        masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
+        if torch.compiler.is_compiling() or det_boxes.shape[1] == 0:
+            # The graph (export, torch.compile): static shapes, masks for every detection slot.
+            masks = self.mask_probabilities(features, det_boxes, det_labels, padded_size) * kept_float[..., None, None]
+        else:
+            # Eager: the mask head only on the slots some image fills (kept detections come first),
+            # as torchvision runs it on its kept detections; the empty slots' masks are 0 either way.
+            filled = max(int(num_dets.max()), 1)
+            size = self._mask_size()
+            masks = det_boxes.new_zeros((batch, det_boxes.shape[1], size, size))
+            masks[:, :filled] = self.mask_probabilities(features, det_boxes[:, :filled], det_labels[:, :filled],
+                                                        padded_size, label_only=True) * kept_float[:, :filled, None, None]
         return num_dets, det_boxes, det_scores, det_labels, masks
 
     @staticmethod
@@ -282,10 +293,30 @@ class RoIHeads(nn.Module):
         return torch.gather(keep, 1, order), torch.gather(kept, 1, order)
 
     def mask_probabilities(self, features: list[Tensor], boxes: Tensor, labels: Tensor,
-                           padded_size: tuple[int, int]) -> Tensor:
-        """boxes [B, D, 4], labels int64 [B, D] -> sigmoid of the label's mask logits [B, D, M, M]."""
+                           padded_size: tuple[int, int], label_only: bool = False) -> Tensor:
+        """boxes [B, D, 4], labels int64 [B, D] -> sigmoid of the label's mask logits [B, D, M, M].
+
+        label_only (eager inference): the final 1x1 conv computes only the label's logit map (one
+        dot product over the channels per pixel) instead of all K and a gather: 1/K of its work."""
         batch, count = boxes.shape[:2]
         mask_features = self.mask_roi_pool(features, boxes, padded_size).flatten(0, 1)
+        if features[0].dim() == 4 and not features[0].is_contiguous() and \
+                features[0].is_contiguous(memory_format=torch.channels_last):
+            # Eager CPU inference runs channels-last (MaskRCNN.forward_eval): the mask FCN and its
+            # deconvolution are ~1.3x and ~2x faster on channels-last input (docs/performance.md).
+            mask_features = mask_features.contiguous(memory_format=torch.channels_last)
+        logits_conv = self.mask_predictor.mask_fcn_logits
+        if label_only and isinstance(logits_conv, nn.Conv2d) and logits_conv.kernel_size == (1, 1) \
+                and logits_conv.groups == 1 and not _observed(self.mask_predictor, logits_conv):
+            hidden = self.mask_predictor.relu(self.mask_predictor.conv5_mask(self.mask_head(mask_features)))
+            flat_labels = labels.reshape(-1)
+            weight = logits_conv.weight[flat_labels, :, 0, 0]  # [B*D, C]
+            # [B*D, H*W, C] @ [B*D, C, 1]: the label's logit at every pixel (a view for channels-last).
+            chosen = torch.bmm(hidden.permute(0, 2, 3, 1).reshape(hidden.shape[0], -1, hidden.shape[1]),
+                               weight[:, :, None]).reshape(hidden.shape[0], *hidden.shape[-2:])
+            if logits_conv.bias is not None:
+                chosen = chosen + logits_conv.bias[flat_labels, None, None]
+            return chosen.sigmoid().reshape(batch, count, *hidden.shape[-2:])
         logits = self.mask_predictor(self.mask_head(mask_features))  # [B*D, K, M, M]
         chosen = torch.gather(logits, 1, labels.reshape(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:]))
         return chosen.sigmoid().reshape(batch, count, *logits.shape[-2:])

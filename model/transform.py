@@ -204,8 +204,8 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
 
     Each mask is padded by `padding` zeros, its box scaled by (M + 2p) / M about the centre
     and truncated to integers, the padded mask bilinearly resized to the integer box
-    (width x2 - x1 + 1) and placed there, clipped to the image. Done for all masks at once as
-    two small matrix products (rows x mask x columns) instead of a loop.
+    (width x2 - x1 + 1) and placed there, clipped to the image. Each resize is two small matrix
+    products (rows x mask x columns) over the box's part of the image.
 
     masks [N, 1, M, M] or [N, M, M], boxes [N, 4] xyxy in the image's pixels,
     image_size (H, W) -> [N, 1, H, W].
@@ -229,7 +229,14 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
     y2 = (center_y + half_h).to(torch.int64)
     rows = _bilinear_matrix(y1, y2, padded.shape[-2], height)  # [N, H, M+2]
     cols = _bilinear_matrix(x1, x2, padded.shape[-1], width)  # [N, W, M+2]
-    pasted = torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))
+    # The weights are 0 outside each integer box, so only the box's part of the image is
+    # multiplied out (a full-image product per mask cost ~4x more on a CPU at 100 masks).
+    pasted = padded.new_zeros((padded.shape[0], height, width))
+    row_starts, row_stops = y1.clamp(0, height).tolist(), (y2 + 1).clamp(0, height).tolist()
+    col_starts, col_stops = x1.clamp(0, width).tolist(), (x2 + 1).clamp(0, width).tolist()
+    for index, (top, bottom, left, right) in enumerate(zip(row_starts, row_stops, col_starts, col_stops)):
+        if bottom > top and right > left:
+            pasted[index, top:bottom, left:right] = (rows[index, top:bottom] @ padded[index]) @ cols[index, left:right].T
     return pasted.to(masks.dtype)[:, None]
 
 

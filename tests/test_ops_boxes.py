@@ -1,6 +1,7 @@
 """Box math, the box coder, NMS and anchors against NumPy references written from their descriptions."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -106,6 +107,21 @@ def test_box_coder_matches_formulas_and_round_trips():
 
 
 # ---------------------------------------------------------------- NMS
+@pytest.fixture(params=["native", "pytorch"])
+def nms_path(request, monkeypatch):
+    """Runs a test twice: float32 CPU NMS on the native code, then on the PyTorch fallback.
+    Both must meet the same references."""
+    module = importlib.import_module("maskrt.model.ops.nms")
+    if request.param == "native":
+        from maskrt.model.ops import native_cpu
+
+        if not native_cpu.nms_enabled():
+            pytest.skip("no C++ compiler: the native NMS is not built")
+    monkeypatch.setattr(module, "_NATIVE_CPU", request.param == "native")
+    return request.param
+
+
+@pytest.mark.usefixtures("nms_path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
 def test_nms_matches_greedy_reference(dtype, threshold):
@@ -119,6 +135,7 @@ def test_nms_matches_greedy_reference(dtype, threshold):
     assert 20 < len(expected) < 200  # suppression actually happens
 
 
+@pytest.mark.usefixtures("nms_path")
 def test_nms_edge_cases():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
     # IoU exactly at the threshold does not suppress (strict >); two empty boxes never do (0/0).
@@ -130,6 +147,7 @@ def test_nms_edge_cases():
         nms(boxes, scores[:2], 0.5)
 
 
+@pytest.mark.usefixtures("nms_path")
 def test_batched_nms_matches_per_group_reference():
     rng = np.random.default_rng(5)
     boxes = _random_boxes(rng, 150)
@@ -141,6 +159,36 @@ def test_batched_nms_matches_per_group_reference():
     same = torch.tensor([[0.0, 0, 10, 10]] * 2)
     assert sorted(batched_nms(same, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.5).tolist()) == [0, 1]
     assert batched_nms(same, torch.tensor([0.9, 0.8]), torch.tensor([1, 1]), 0.5).tolist() == [0]
+
+
+def test_native_nms_keeps_the_boxes_of_the_pytorch_path(monkeypatch):
+    """RPN-like input (5 levels as groups, heavy overlap, tied scores, NaN and empty boxes, float32
+    IoUs near the threshold): the native NMS and the fallback keep the same indices in the same
+    order, also when cut at max_keep, and through nms_padded."""
+    from maskrt.model.ops import native_cpu, nms_padded
+
+    if not native_cpu.nms_enabled():
+        pytest.skip("no C++ compiler: the native NMS is not built")
+    module = importlib.import_module("maskrt.model.ops.nms")
+    rng = np.random.default_rng(11)
+    count = 3000
+    boxes = torch.tensor(_random_boxes(rng, count, extent=200.0, max_side=60.0), dtype=torch.float32)
+    boxes[::97] = float("nan")
+    boxes[5::89, 2:] = boxes[5::89, :2]  # empty boxes
+    scores = torch.tensor(rng.integers(0, 400, size=count) / 400.0, dtype=torch.float32)  # many ties
+    groups = torch.tensor(rng.integers(0, 5, size=count))
+    # Pairs whose IoU is within float32 rounding of the threshold: a shifted copy at IoU ~ 0.7.
+    boxes[1::50] = boxes[0::50][: boxes[1::50].shape[0]] + torch.tensor([3.0, 0.0, 3.0, 0.0])
+    results = {}
+    for path in ("native", "pytorch"):
+        monkeypatch.setattr(module, "_NATIVE_CPU", path == "native")
+        results[path] = (nms(boxes, scores, 0.7), batched_nms(boxes, scores, groups, 0.7),
+                         batched_nms(boxes, scores, groups, 0.5, 100),
+                         nms_padded(boxes[None], scores[None], groups[None], 0.7, 0.1, 1000))
+    for native, fallback in zip(results["native"], results["pytorch"]):
+        assert torch.equal(native, fallback)
+    assert 100 < results["native"][1].numel() < count  # suppression happens, and the cut at 100 bites
+    assert results["native"][2].numel() == 100
 
 
 # ---------------------------------------------------------------- anchors

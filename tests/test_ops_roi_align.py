@@ -557,3 +557,27 @@ def test_without_a_compiler_roi_align_falls_back_to_pytorch(monkeypatch, recwarn
     assert multilevel_roi_align(_mixed_size_rois(1, 4, seed=9).float(), features, [0.25, 0.125, 0.0625, 0.03125],
                                 3, 3, 2, False).shape == (1, 4, 2, 3, 3)
     assert not [w for w in recwarn if "native" in str(w.message)]
+
+
+def test_native_forward_reads_nchw_maps_by_windows_bit_for_bit():
+    """Few RoIs on a large NCHW map: the map is passed as it is and the kernel copies each RoI's
+    window of cells to channels-last (bit-identical to pooling a channels-last copy of the whole
+    map); many RoIs: the whole map is copied to channels-last first."""
+    native_cpu = _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    torch.manual_seed(4)
+    feature = torch.randn(2, 16, 60, 80)
+    rois = torch.tensor([[0, 10.0, 12.0, 90.0, 70.0], [1, -30.0, 200.0, 40.0, 260.0], [0, 300.0, 220.0, 340.0, 250.0],
+                         [1, 5.0, 5.0, 5.0, 5.0], [0, 200.0, 100.0, 120.0, 60.0], [1, -50.0, -50.0, -10.0, -20.0]])
+    assert module._native_layout(feature, rois[:, 1:], 0.25) is feature  # ~12 % of the map's cells: windows
+    many = rois.repeat(40, 1)
+    assert module._native_layout(feature, many[:, 1:], 0.25).is_contiguous(memory_format=torch.channels_last)
+    channels_last = feature.contiguous(memory_format=torch.channels_last)
+    for aligned, sampling, mode in ((False, 2, "avg"), (True, 0, "avg"), (False, 3, "max")):
+        windows = native_cpu.roi_align_forward([feature], [0.25], rois, None, (7, 7), sampling, aligned, mode)
+        whole = native_cpu.roi_align_forward([channels_last], [0.25], rois, None, (7, 7), sampling, aligned, mode)
+        assert torch.equal(windows, whole)
+        reference = roi_align_ref(feature.double().numpy(), rois.double().numpy(), 7, 7, 0.25, sampling, aligned) \
+            if mode == "avg" else None
+        if reference is not None:
+            np.testing.assert_allclose(windows.double().numpy(), reference, rtol=1e-4, atol=1e-4)

@@ -119,8 +119,9 @@ def nms_padded(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: flo
     kept_all = torch.full((batch, max_output), -1, dtype=torch.int64, device=boxes.device)
     for image in range(batch):
         candidates = torch.where(scores[image] > score_threshold)[0]
-        keep = batched_nms(boxes[image, candidates], scores[image, candidates], groups[image, candidates], iou_threshold)
-        kept = candidates[keep][:max_output]
+        keep = batched_nms(boxes[image, candidates], scores[image, candidates], groups[image, candidates], iou_threshold,
+                           max_output)
+        kept = candidates[keep]
         kept_all[image, : kept.shape[0]] = kept
     return kept_all
 

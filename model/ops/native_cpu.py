@@ -1,4 +1,5 @@
-"""The native CPU forward of RoIAlign (``native/roi_align_cpu.cpp``), loaded through ctypes.
+"""The native CPU forward of RoIAlign (``native/roi_align_cpu.cpp``) and the native CPU NMS
+(``native/nms_cpu.cpp``), loaded through ctypes.
 
 ``roi_align`` (``roi_align.py``) calls ``roi_align_forward`` here for float32 CPU work and keeps
 its pure-PyTorch forward as the fallback: where no C++ compiler is present, where the build
@@ -9,7 +10,9 @@ The library is compiled on first use with the system C++ compiler, like the CPU 
 TensorRT plugin (``maskrt.plugins.cpu``, whose compiler and build-folder rules it shares), into
 ``<build root>/roi-align-cpu-<hash>/``, the hash covering the source, the compiler and the flags:
 one build per source version, reused by every later process. No torch headers are involved,
-so the build takes seconds.
+so the build takes seconds. The NMS (``nms.py``'s ``batched_nms`` / ``nms`` for float32 CPU boxes)
+is built the same way into ``<build root>/nms-cpu-<hash>/``, with the same fallback rules: the
+PyTorch path keeps the same boxes.
 """
 from __future__ import annotations
 
@@ -31,18 +34,26 @@ LIBRARY_NAME = "libmaskrt_roi_align_cpu.so"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
 ENV_SWITCH = "MASKRT_NATIVE_CPU"
 
+NMS_SOURCE = Path(__file__).resolve().parent / "native" / "nms_cpu.cpp"
+NMS_LIBRARY_NAME = "libmaskrt_nms_cpu.so"
+# No contraction of a*b+c into one FMA: the IoU must round as the PyTorch path's separate ops do.
+NMS_COMPILE_FLAGS = ("-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
+
 _MODE_CODES = {"avg": 0, "max": 1}
 _library: ctypes.CDLL | None = None
 _unavailable = False  # set once a build failed or no compiler exists: not retried per call
+_nms_library: ctypes.CDLL | None = None
+_nms_unavailable = False
 
 
-def _build() -> Path:
+def _build(source: Path = SOURCE, flags: Sequence[str] = COMPILE_FLAGS, folder: str = "roi-align-cpu",
+           name: str = LIBRARY_NAME) -> Path:
     compiler = find_compiler()
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(source.read_bytes())
     digest.update(compiler.encode())
-    digest.update(" ".join(COMPILE_FLAGS).encode())
-    target = build_root() / f"roi-align-cpu-{digest.hexdigest()[:16]}" / LIBRARY_NAME
-    return build_cached_library(compiler, SOURCE, COMPILE_FLAGS, target)
+    digest.update(" ".join(flags).encode())
+    target = build_root() / f"{folder}-{digest.hexdigest()[:16]}" / name
+    return build_cached_library(compiler, source, flags, target)
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -68,6 +79,57 @@ def load_library() -> ctypes.CDLL | None:
     ]
     _library = library
     return library
+
+
+def load_nms_library() -> ctypes.CDLL | None:
+    """The loaded NMS library (built on first use), or None where it cannot be had (the fallback runs)."""
+    global _nms_library, _nms_unavailable
+    if _nms_library is not None or _nms_unavailable:
+        return _nms_library
+    try:
+        library = ctypes.CDLL(str(_build(NMS_SOURCE, NMS_COMPILE_FLAGS, "nms-cpu", NMS_LIBRARY_NAME)))
+    except (MaskrtError, OSError) as error:
+        _nms_unavailable = True
+        if "no C++ compiler" not in str(error):
+            warnings.warn(f"maskrt: native CPU NMS unavailable, using the PyTorch path: {error}", stacklevel=2)
+        return None
+    entry = library.maskrt_nms_sorted_cpu
+    entry.restype = ctypes.c_int64
+    entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # boxes [N,4], groups [N] (or NULL), N
+                      ctypes.c_float, ctypes.c_int64, ctypes.c_void_p]   # iou threshold, max kept, keep [N] uint8
+    _nms_library = library
+    return library
+
+
+def nms_enabled() -> bool:
+    """Whether the native NMS is used: as ``enabled()``, for the NMS library."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
+        return False
+    return load_nms_library() is not None
+
+
+def nms_sorted(boxes: Tensor, groups: Tensor | None, iou_threshold: float, max_keep: int = -1) -> Tensor:
+    """Greedy NMS of boxes already sorted by decreasing score, within groups.
+
+    boxes [N,4] float32 CPU, groups [N] int64 or None (one group) -> positions (into the sorted
+    order) of the kept boxes, int64 [K] increasing; at most ``max_keep`` (< 0: all), the first ones.
+    """
+    library = load_nms_library()
+    if library is None:
+        raise MaskrtError("the native CPU NMS library is not available")
+    if boxes.dtype != torch.float32 or boxes.device.type != "cpu" or boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise MaskrtError(f"native NMS takes float32 CPU boxes [N,4], got {boxes.dtype} {tuple(boxes.shape)} on {boxes.device}")
+    boxes = boxes.contiguous()
+    if groups is not None:
+        groups = groups.to(torch.int64).contiguous()
+    keep = torch.empty(boxes.shape[0], dtype=torch.uint8)
+    status = library.maskrt_nms_sorted_cpu(boxes.data_ptr(), None if groups is None else groups.data_ptr(),
+                                           boxes.shape[0], float(iou_threshold), int(max_keep), keep.data_ptr())
+    if status == -2:
+        raise MaskrtError("native NMS: out of memory")
+    if status < 0:
+        raise MaskrtError(f"native NMS: bad arguments (boxes {tuple(boxes.shape)})")
+    return torch.nonzero(keep).flatten()
 
 
 def enabled() -> bool:

@@ -3,7 +3,9 @@
 Boxes are visited by decreasing score; a visited, unsuppressed box is kept and suppresses
 every later box whose IoU with it is strictly greater than ``iou_threshold``. The IoU
 matrix is computed once (vectorised, in row blocks so only a bool [N,N] is kept); the
-sequential greedy pass then does one row-OR per kept box.
+sequential greedy pass then does one row-OR per kept box. That is the fallback: float32 CPU
+boxes go to the native NMS of ``native_cpu.py`` (``native/nms_cpu.cpp``), which tests only the
+pairs a kept box meets, with the same float32 IoU, and keeps the same boxes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ import torch
 from torch import Tensor
 
 from maskrt.errors import MaskrtError
+from maskrt.model.ops import native_cpu
+
+# float32 CPU boxes run the native NMS (native_cpu.py) where it loads; tests switch it off to hold
+# the PyTorch path, the fallback, to the same references.
+_NATIVE_CPU = True
 
 # Rows of the float IoU matrix computed at once: bounds the float temporary to
 # _IOU_BLOCK_ROWS * N values while the kept result is a bool matrix (1 byte per pair).
@@ -63,6 +70,10 @@ def _greedy_keep(sorted_boxes: Tensor, iou_threshold: float) -> Tensor:
     return torch.tensor(keep, dtype=torch.int64, device=sorted_boxes.device)
 
 
+def _native_applies(boxes: Tensor) -> bool:
+    return _NATIVE_CPU and boxes.dtype == torch.float32 and boxes.device.type == "cpu" and native_cpu.nms_enabled()
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS. boxes [N,4] xyxy, scores [N] -> kept indices int64 [K], by decreasing score.
 
@@ -73,18 +84,22 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    keep_sorted = _greedy_keep(boxes.detach()[order], float(iou_threshold))
+    sorted_boxes = boxes.detach()[order]
+    if _native_applies(sorted_boxes):
+        return order[native_cpu.nms_sorted(sorted_boxes, None, float(iou_threshold))]
+    keep_sorted = _greedy_keep(sorted_boxes, float(iou_threshold))
     return order[keep_sorted]
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, max_keep: int = -1) -> Tensor:
     """NMS within each group of ``idxs``. boxes [N,4], scores [N], idxs [N] int -> kept indices [K].
 
     Same result as torchvision's ``batched_nms``: boxes of different groups never suppress
     each other; the kept indices come by decreasing score. torchvision gets the grouping with
     its coordinate-offset trick (shift each group's boxes apart by ``idx * (max_coord + 1)``),
     which rounds the shifted coordinates in float32 for large offsets; here the group test
-    is applied exactly, by running each group on its own.
+    is applied exactly, by running each group on its own. ``max_keep`` >= 0 returns only the first
+    ``max_keep`` kept indices (the same as slicing the full result; the native NMS stops there).
     """
     _check_nms_inputs(boxes, scores)
     if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
@@ -93,6 +108,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
     sorted_boxes, sorted_groups = boxes.detach()[order], idxs[order]
+    if _native_applies(sorted_boxes):
+        return order[native_cpu.nms_sorted(sorted_boxes, sorted_groups, float(iou_threshold), max_keep)]
     # Groups never interact, so each group's NMS runs on its own: G small overlap matrices
     # instead of one [N, N] (the RPN's 5 levels: 1/5 of the pairs).
     kept = []
@@ -100,4 +117,6 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         members = torch.where(sorted_groups == group)[0]  # increasing = by decreasing score
         kept.append(members[_greedy_keep(sorted_boxes[members], float(iou_threshold))])
     keep_sorted = torch.sort(torch.cat(kept)).values
+    if max_keep >= 0:
+        keep_sorted = keep_sorted[:max_keep]
     return order[keep_sorted]

@@ -359,10 +359,22 @@ def _native_applies(compute: torch.dtype, features: Sequence[Tensor]) -> bool:
             and native_cpu.enabled())
 
 
-def _native_layout(feature: Tensor) -> Tensor:
-    """float32, channels-last: the kernel reads each cell's C-vector with vector loads; one copy of
-    an NCHW map costs less than the strided reads of RoIAlign's taps."""
-    return feature.to(torch.float32).contiguous(memory_format=torch.channels_last)
+def _native_layout(feature: Tensor, boxes: Tensor, spatial_scale: float) -> Tensor:
+    """The map as the native kernel takes it: float32; channels-last maps as they are. The kernel
+    reads each cell's C-vector with vector loads, so an NCHW map is copied to channels-last
+    first, whole (one copy, cheaper than strided reads when the RoIs cover the map), or, where
+    the RoIs pooling from it read fewer cells than the map has (few RoIs on a large map: the mask
+    pooler's 100 RoIs on an 800x1344 image's P2), passed as it is: the kernel then copies each
+    RoI's window of cells. boxes [K,4] xyxy: the RoIs at this map."""
+    feature = feature.to(torch.float32)
+    if feature.dim() != 4 or feature.is_contiguous(memory_format=torch.channels_last):
+        return feature
+    height, width = feature.shape[-2:]
+    sides = (boxes[:, 2:] - boxes[:, :2]).abs().mul(spatial_scale).add(2.0).nan_to_num(0.0)
+    cells = sides[:, 0].clamp(max=width) * sides[:, 1].clamp(max=height)
+    if float(cells.sum()) < feature.shape[0] * height * width:
+        return feature
+    return feature.contiguous(memory_format=torch.channels_last)
 
 
 def _roi_align_forward(input: Tensor, rois: Tensor, pooled: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
@@ -372,7 +384,7 @@ def _roi_align_forward(input: Tensor, rois: Tensor, pooled: tuple[int, int], spa
     if rois.shape[0] == 0 or channels == 0:
         return input.new_zeros((rois.shape[0], channels, ph, pw))
     if _native_applies(rois.dtype, [input]):
-        features = [_native_layout(input)]
+        features = [_native_layout(input, rois[:, 1:], spatial_scale)]
         return native_cpu.roi_align_forward(features, [spatial_scale], rois, None, pooled, sampling_ratio, aligned, mode).to(input.dtype)
     rows = _channels_last_rows(input, rois.dtype)
     results, visited = [], []
@@ -760,7 +772,8 @@ def multilevel_roi_align_eager(
     tracked = torch.is_grad_enabled() and any(f.requires_grad for f in features)
     if mode in ("avg", "max") and not tracked and _native_applies(compute, features):
         # One native call pools every RoI at its level straight into the output.
-        maps = [_native_layout(f) for f in features]
+        boxes = flat[:, 1:].detach()
+        maps = [_native_layout(f, boxes[levels == index], scale) for index, (f, scale) in enumerate(zip(features, spatial_scales))]
         pooled = native_cpu.roi_align_forward(maps, spatial_scales, flat.detach().to(compute), levels, size,
                                               sampling_ratio, aligned, mode)
         return pooled.view(b, r, channels, *size).to(features[0].dtype)

@@ -12,7 +12,8 @@
 //   planes (the sample plan is computed once per RoI, as torchvision's pre_calc);
 // - RoIs are shared among threads (dynamic blocks of a few RoIs; every RoI is computed by one
 //   thread in a fixed order, so the result does not depend on the thread count).
-// Any other layout (NCHW) takes torchvision's loop order: channel, bin, sample.
+// - any other layout (NCHW): the window of cells a RoI reads is copied into a channels-last scratch
+//   first, so only the cells the RoIs touch are transposed, not the whole map.
 //
 // Plain C++17 with a C entry point; no torch headers, called through ctypes.
 #include <algorithm>
@@ -74,6 +75,7 @@ struct Scratch {
   std::vector<int32_t> bin_outside; // [bins] samples of the bin that lie outside the map (value 0)
   std::vector<float> accumulator;   // [bins, C] (channels-last path)
   std::vector<AxisSample> ys, xs;   // the y samples of every bin row, the x samples of every bin column
+  std::vector<float> window;        // [rows, columns, C]: a channels-last copy of the cells a RoI reads
 };
 
 
@@ -113,9 +115,9 @@ int64_t grid_size(int32_t sampling_ratio, float roi_size, int32_t bins) {
   return std::min(static_cast<int64_t>(std::min(adaptive, 1.0e6f)), kAdaptiveGridMax);
 }
 
-// Fills scratch with the RoI's sample plan; returns the samples per bin (grid_h * grid_w), or -1
-// for a RoI whose output is all zeros (a non-finite coordinate).
-int64_t plan_roi(const Problem& p, const Level& map, const float* roi, Scratch& scratch) {
+// Fills scratch.ys / scratch.xs with the RoI's samples along each axis; returns the samples per bin
+// (grid_h * grid_w), or -1 for a RoI whose output is all zeros (a non-finite coordinate).
+int64_t plan_axes(const Problem& p, const Level& map, const float* roi, Scratch& scratch) {
   const int32_t ph = p.pooled_height, pw = p.pooled_width;
   for (int i = 1; i < 5; ++i) {
     if (!std::isfinite(roi[i])) return -1;
@@ -155,6 +157,35 @@ int64_t plan_roi(const Problem& p, const Level& map, const float* roi, Scratch& 
     }
   }
 
+  return grid_h * grid_w;
+}
+
+// The rows [y0, y1] and columns [x0, x1] of the map that the RoI's samples read (y1 < y0 when no
+// sample lies inside the map).
+void sample_window(const Scratch& scratch, int64_t& y0, int64_t& y1, int64_t& x0, int64_t& x1) {
+  y0 = x0 = std::numeric_limits<int64_t>::max();
+  y1 = x1 = -1;
+  for (const AxisSample& y : scratch.ys) {
+    if (y.inside) {
+      y0 = std::min(y0, y.low);
+      y1 = std::max(y1, y.high);
+    }
+  }
+  for (const AxisSample& x : scratch.xs) {
+    if (x.inside) {
+      x0 = std::min(x0, x.low);
+      x1 = std::max(x1, x.high);
+    }
+  }
+}
+
+// Fills scratch's taps from its axis samples: corner offsets row * stride_h + column * stride_w,
+// rows and columns counted from (y0, x0).
+void plan_taps(const Problem& p, int64_t grid_h, int64_t grid_w, int64_t stride_h, int64_t stride_w, int64_t y0,
+               int64_t x0, Scratch& scratch) {
+  const int32_t ph = p.pooled_height, pw = p.pooled_width;
+  const std::vector<AxisSample>& ys = scratch.ys;
+  const std::vector<AxisSample>& xs = scratch.xs;
   const int64_t bins = static_cast<int64_t>(ph) * pw;
   scratch.taps.clear();
   scratch.bin_start.assign(static_cast<size_t>(bins + 1), 0);
@@ -172,8 +203,8 @@ int64_t plan_roi(const Problem& p, const Level& map, const float* roi, Scratch& 
             continue;
           }
           Tap tap;
-          const int64_t row_low = y.low * map.stride_h, row_high = y.high * map.stride_h;
-          const int64_t col_low = x.low * map.stride_w, col_high = x.high * map.stride_w;
+          const int64_t row_low = (y.low - y0) * stride_h, row_high = (y.high - y0) * stride_h;
+          const int64_t col_low = (x.low - x0) * stride_w, col_high = (x.high - x0) * stride_w;
           tap.offset[0] = row_low + col_low;
           tap.offset[1] = row_low + col_high;
           tap.offset[2] = row_high + col_low;
@@ -188,7 +219,6 @@ int64_t plan_roi(const Problem& p, const Level& map, const float* roi, Scratch& 
     }
   }
   scratch.bin_start[static_cast<size_t>(bins)] = static_cast<int32_t>(scratch.taps.size());
-  return grid_h * grid_w;
 }
 
 // Channels-last: one bin = a weighted sum (or max) of C-vectors, vectorised over the channels.
@@ -240,59 +270,47 @@ void pool_channels_last(const Problem& p, const float* image, int64_t samples, S
   }
 }
 
-// Any other layout: torchvision's order, channel by channel, with the same sample plan.
-void pool_strided(const Problem& p, const Level& map, const float* image, int64_t samples, const Scratch& scratch,
-                  float* out) {
-  const int64_t bins = static_cast<int64_t>(p.pooled_height) * p.pooled_width;
-  const float count = static_cast<float>(samples > 1 ? samples : 1);
-  for (int64_t c = 0; c < p.channels; ++c) {
-    const float* plane = image + c * map.stride_c;
-    for (int64_t bin = 0; bin < bins; ++bin) {
-      const int32_t first = scratch.bin_start[static_cast<size_t>(bin)];
-      const int32_t last = scratch.bin_start[static_cast<size_t>(bin + 1)];
-      float result;
-      if (p.mode == 0) {
-        float sum = 0.0f;
-        for (int32_t t = first; t < last; ++t) {
-          const Tap& tap = scratch.taps[static_cast<size_t>(t)];
-          sum += tap.weight[0] * plane[tap.offset[0]] + tap.weight[1] * plane[tap.offset[1]] +
-                 tap.weight[2] * plane[tap.offset[2]] + tap.weight[3] * plane[tap.offset[3]];
-        }
-        result = sum / count;
-      } else {
-        const bool has_zero = scratch.bin_outside[static_cast<size_t>(bin)] > 0 || samples <= 0;
-        float maximum = has_zero ? 0.0f : -std::numeric_limits<float>::infinity();
-        for (int32_t t = first; t < last; ++t) {
-          const Tap& tap = scratch.taps[static_cast<size_t>(t)];
-          const float value = tap.weight[0] * plane[tap.offset[0]] + tap.weight[1] * plane[tap.offset[1]] +
-                              tap.weight[2] * plane[tap.offset[2]] + tap.weight[3] * plane[tap.offset[3]];
-          maximum = value > maximum ? value : maximum;
-        }
-        result = maximum;
-      }
-      out[c * bins + bin] = result;
-    }
-  }
-}
-
 void pool_roi(const Problem& p, int64_t k, Scratch& scratch) {
   const float* roi = p.rois + k * 5;
   const int64_t roi_size = p.channels * static_cast<int64_t>(p.pooled_height) * p.pooled_width;
   float* out = p.output + k * roi_size;
   const int32_t level = p.roi_levels ? p.roi_levels[k] : 0;
   // A RoI without a level (the level rule of a NaN box) or with a non-finite coordinate is 0.
-  const int64_t samples = level >= 0 && level < p.num_levels ? plan_roi(p, p.levels[level], roi, scratch) : -1;
+  const int64_t samples = level >= 0 && level < p.num_levels ? plan_axes(p, p.levels[level], roi, scratch) : -1;
   if (samples < 0) {
     std::fill(out, out + roi_size, 0.0f);
     return;
   }
   const Level& map = p.levels[level];
+  const int64_t grid_h = static_cast<int64_t>(scratch.ys.size()) / p.pooled_height;
+  const int64_t grid_w = static_cast<int64_t>(scratch.xs.size()) / p.pooled_width;
   const float* image = map.data + static_cast<int64_t>(roi[0]) * map.stride_n;
   if (map.stride_c == 1) {
+    plan_taps(p, grid_h, grid_w, map.stride_h, map.stride_w, 0, 0, scratch);
     pool_channels_last(p, image, samples, scratch, out);
-  } else {
-    pool_strided(p, map, image, samples, scratch, out);
+    return;
   }
+  // Any other layout: copy the window of cells the RoI reads into a channels-last scratch (the
+  // caller passes NCHW maps where the RoIs read less than the whole map; a copy of the whole map
+  // would cost more), then pool it as a channels-last map.
+  int64_t y0, y1, x0, x1;
+  sample_window(scratch, y0, y1, x0, x1);
+  if (y1 < y0 || x1 < x0) {  // no sample inside the map: every tap is outside
+    y0 = y1 = x0 = x1 = 0;
+  }
+  const int64_t rows = y1 - y0 + 1, columns = x1 - x0 + 1, channels = p.channels;
+  scratch.window.resize(static_cast<size_t>(rows * columns * channels));
+  float* window = scratch.window.data();
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* plane = image + c * map.stride_c;
+    for (int64_t y = 0; y < rows; ++y) {
+      const float* source = plane + (y0 + y) * map.stride_h + x0 * map.stride_w;
+      float* target = window + y * columns * channels + c;
+      for (int64_t x = 0; x < columns; ++x) target[x * channels] = source[x * map.stride_w];
+    }
+  }
+  plan_taps(p, grid_h, grid_w, columns * channels, channels, y0, x0, scratch);
+  pool_channels_last(p, window, samples, scratch, out);
 }
 
 }  // namespace
