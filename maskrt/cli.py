@@ -163,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=None,
                        help="DataLoader processes that decode and augment (default: from the CPU count; 0 below "
                             "8 cores per process)")
-    train.add_argument("--repaint", type=float, default=None,
+    train.add_argument("--repaint", type=float, default=0.0,
                        help="probability of repainting an image's background (each shape: 0.6 x it) with a "
-                            "procedural photo-like texture (default: edge 0.5, r50_fpn 0)")
-    train.add_argument("--camera-noise", type=float, default=None,
-                       help="probability of camera blur + sensor noise on an image (default: edge 0.3, r50_fpn 0)")
+                            "procedural photo-like texture (default: 0, off)")
+    train.add_argument("--camera-noise", type=float, default=0.0,
+                       help="probability of camera blur + sensor noise on an image (default: 0, off)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar (in a log the bar is already one line every 10 s)")
