@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="training length in epochs")
     budget.add_argument("--minutes", type=float, help="training length in wall-clock minutes")
+    budget.add_argument("--steps", type=int, help="training length in optimiser steps (the same run on a loaded or "
+                        "idle machine; the edge preset's 10 minutes on the idle 2-core CPU: 3,950 steps)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl")
     train.add_argument("--weights", help="initial weights (maskrt .safetensors)")
     train.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
@@ -161,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=None,
                        help="DataLoader processes that decode and augment (default: from the CPU count; 0 below "
                             "8 cores per process)")
+    train.add_argument("--repaint", type=float, default=0.0,
+                       help="probability of repainting an image's background (each shape: 0.6 x it) with a "
+                            "procedural photo-like texture (default: 0, off)")
+    train.add_argument("--camera-noise", type=float, default=0.0,
+                       help="probability of camera blur + sensor noise on an image (default: 0, off)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar (in a log the bar is already one line every 10 s)")

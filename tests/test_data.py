@@ -237,3 +237,65 @@ def test_photometric_jitter_changes_colours_not_shape():
     out = photometric_jitter(sample.image, np.random.default_rng(2))
     assert out.shape == sample.image.shape and out.dtype == np.uint8
     assert not np.array_equal(out, sample.image)
+
+
+# --- repainting and camera noise: the photo-like augmentations of the edge preset ----------
+
+def test_repaint_changes_pixels_only_where_the_masks_say_and_keeps_the_targets():
+    from maskrt.train.transforms import repaint
+
+    sample = _sample()
+    union = sample.masks.astype(bool).any(axis=0)
+    background_only = repaint(sample, np.random.default_rng(0), p_background=1.0, p_instance=0.0)
+    np.testing.assert_array_equal(background_only.image[union], sample.image[union])  # shapes untouched
+    assert (background_only.image[~union] != sample.image[~union]).any(axis=-1).mean() > 0.9
+    shapes_only = repaint(sample, np.random.default_rng(0), p_background=0.0, p_instance=1.0)
+    np.testing.assert_array_equal(shapes_only.image[~union], sample.image[~union])  # background untouched
+    for mask in sample.masks.astype(bool):
+        assert (shapes_only.image[mask] != sample.image[mask]).any(axis=-1).mean() > 0.8
+    for out in (background_only, shapes_only):
+        assert out.masks is sample.masks and out.boxes is sample.boxes and out.labels is sample.labels
+        assert out.image.dtype == np.uint8 and out.image.shape == sample.image.shape
+
+
+def test_augmentation_with_repaint_and_camera_noise_keeps_boxes_tight_and_is_seeded():
+    sample = _sample()
+    for seed in range(8):
+        out = train_augment(sample, np.random.default_rng(seed), (0.5, 2.0), p_repaint=1.0, p_camera=1.0)
+        assert out.image.shape == sample.image.shape and len(out.labels) == len(out.masks) == len(out.boxes)
+        for box, mask in zip(out.boxes, out.masks):
+            assert mask.any() and box.tolist() == tight_box(mask)
+    a = train_augment(sample, np.random.default_rng(5), p_repaint=1.0, p_camera=1.0)
+    b = train_augment(sample, np.random.default_rng(5), p_repaint=1.0, p_camera=1.0)
+    np.testing.assert_array_equal(a.image, b.image)
+    # Off (the defaults of train_augment), the same seed gives the augmentation it gave before.
+    plain = train_augment(sample, np.random.default_rng(5))
+    off = train_augment(sample, np.random.default_rng(5), p_repaint=0.0, p_camera=0.0)
+    np.testing.assert_array_equal(plain.image, off.image)
+
+
+def test_natural_texture_is_low_frequency_heavy_like_a_photograph():
+    from maskrt.train.transforms import natural_texture
+
+    for seed in range(4):
+        picture = natural_texture(np.random.default_rng(seed), 128, 96)
+        assert picture.shape == (128, 96, 3) and picture.dtype == np.float32
+        grey = picture.mean(axis=-1) - picture.mean()
+        assert grey.std() > 5  # not flat
+        power = np.abs(np.fft.fft2(grey)) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(96), indexing="ij")
+        radius = np.hypot(fy, fx)
+        # Natural images: power falls with frequency. The lowest eighth of the band holds
+        # more power than the whole upper half (white noise: about 1/60 of it).
+        assert power[radius < 0.0625].sum() > power[radius > 0.25].sum()
+
+
+def test_camera_noise_blurs_edges_and_keeps_brightness():
+    from maskrt.train.transforms import camera_noise
+
+    checks = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((8, 8))).astype(np.uint8)
+    image = np.repeat(checks[..., None], 3, axis=-1)
+    out = camera_noise(image, np.random.default_rng(1), max_noise_sigma=0.0)
+    edge_energy = lambda im: np.abs(np.diff(im[..., 0].astype(np.float64), axis=1)).sum()
+    assert edge_energy(out) < 0.9 * edge_energy(image)
+    assert abs(out.mean() - image.mean()) < 1.0

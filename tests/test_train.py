@@ -63,6 +63,31 @@ def test_config_rejects_bad_budgets():
         TrainConfig(data="d", out="o")
     with pytest.raises(MaskrtError, match="positive"):
         TrainConfig(data="d", out="o", minutes=0)
+    with pytest.raises(MaskrtError, match="positive"):
+        TrainConfig(data="d", out="o", steps=0)
+    with pytest.raises(MaskrtError, match="one training budget"):
+        TrainConfig(data="d", out="o", steps=10, epochs=1)
+    with pytest.raises(MaskrtError, match="probabilities"):
+        TrainConfig(data="d", out="o", steps=10, repaint_prob=1.5)
+
+
+def test_photo_like_augmentations_are_off_unless_asked_for():
+    for preset in ("edge", "r50_fpn"):
+        config = TrainConfig(data="d", out="o", steps=1, preset=preset)
+        assert (config.repaint_prob, config.camera_noise_prob) == (0.0, 0.0)
+    assert TrainConfig(data="d", out="o", steps=1, repaint_prob=0.5).repaint_prob == 0.5
+
+
+def test_step_budget_runs_that_many_steps_with_the_schedule_fitted_to_them(tiny_data, tmp_path):
+    # 8 images, batch 2: --steps 6 is 1.5 epochs, and the cosine reaches its floor at step 6.
+    config = tiny_config(tiny_data, tmp_path / "steps", steps=6, warmup_fraction=0.0, checkpoint_every=1000)
+    summary = train(config)
+    assert summary["step"] == 6 and summary["epoch"] == 1
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "steps" / METRICS).read_text().splitlines()]
+    assert lrs == pytest.approx([lr_at(step / 6, config) for step in range(6)])
+    # Resuming with a larger --steps continues the same run to the new end.
+    more = train(tiny_config(tiny_data, tmp_path / "steps", steps=8, resume=True))
+    assert more["step"] == 8
 
 
 def test_precision_auto_follows_the_cpu_and_bad_values_are_one_line_errors(monkeypatch):
@@ -285,6 +310,15 @@ def test_cli_train_eval_predict(tiny_data, tmp_path, capsys, monkeypatch):
     assert "not found" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nope"), "--epochs", "1", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2
+    capsys.readouterr()
+    assert main(["train", "--data", str(tiny_data), "--steps", "1", "--out", str(tmp_path / "one"), "--no-progress",
+                 "--repaint", "1", "--camera-noise", "1"]) == 0
+    state = json.loads((tmp_path / "one" / STATE_JSON).read_text())
+    assert state["step"] == 1 and state["config"]["steps"] == 1
+    assert (state["config"]["repaint_prob"], state["config"]["camera_noise_prob"]) == (1.0, 1.0)
+    assert main(["train", "--data", str(tiny_data), "--steps", "0", "--out", str(tmp_path / "zero"),
+                 "--no-progress"]) == 2
+    assert "positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """Training loop: SGD with momentum (or AdamW) and weight decay, warm-up then cosine (or step) decay
 fitted to the budget, seeded data order, atomic checkpoints, exact resume.
 
-Budget. `epochs` fixes the number of steps; `minutes` fixes wall-clock time. Either way the
-learning rate is a function of the *fraction of the budget used* (steps done / total steps,
-or elapsed / budgeted seconds), so a time budget still gets a whole warm-up + decay.
+Budget. `steps` fixes the number of optimiser steps, `epochs` fixes it through the data
+size; `minutes` fixes wall-clock time. Either way the learning rate is a function of the
+*fraction of the budget used* (steps done / total steps, or elapsed / budgeted seconds), so a
+time budget still gets a whole warm-up + decay. A step budget gives the same run on any
+machine, loaded or not: the form for comparing recipes (docs/training.md).
 
 Determinism. The data order of epoch e is a permutation drawn from (seed, e); the
 augmentation of the item at (epoch, position) and the model's own sampling (RPN / RoI
@@ -88,6 +90,7 @@ class TrainConfig:
     preset: str = "edge"
     epochs: float | None = None
     minutes: float | None = None
+    steps: int | None = None
     weights: str | None = None
     resume: bool = False
     roi_op: str = "align"
@@ -113,6 +116,11 @@ class TrainConfig:
     log_every: int = 10
     augment: bool = True
     scale_range: tuple[float, float] = (0.6, 1.5)
+    # Photo-like augmentations (train/transforms.py `repaint`, `camera_noise`). Off by default:
+    # at 1,200 edge steps on the generator they lowered segm AP on its val split and on shapes
+    # on photographs alike (docs/training.md, "Shapes on real photographs").
+    repaint_prob: float = 0.0
+    camera_noise_prob: float = 0.0
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # "bf16": forward under CPU autocast to bfloat16 (weights, gradients, optimiser and losses
     # stay float32); "fp32"; "auto": bf16 where the CPU has native bf16 dot products
@@ -140,10 +148,15 @@ class TrainConfig:
             raise MaskrtError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.weight_decay is None:
             self.weight_decay = 1e-4 if self.optimizer == "sgd" else 0.05
-        if self.epochs is None and self.minutes is None and not self.resume:
-            raise MaskrtError("give a training budget: --epochs N or --minutes M")  # --resume reuses the stored one
-        if (self.epochs is not None and self.epochs <= 0) or (self.minutes is not None and self.minutes <= 0):
-            raise MaskrtError("the training budget (--epochs / --minutes) must be positive")
+        if not (0 <= self.repaint_prob <= 1 and 0 <= self.camera_noise_prob <= 1):
+            raise MaskrtError("--repaint and --camera-noise are probabilities: give values in 0..1")
+        budgets = [b for b in (self.epochs, self.minutes, self.steps) if b is not None]
+        if not budgets and not self.resume:
+            raise MaskrtError("give a training budget: --steps N, --epochs N or --minutes M")  # --resume reuses the stored one
+        if len(budgets) > 1:
+            raise MaskrtError("give one training budget: --steps, --epochs or --minutes")
+        if any(b <= 0 for b in budgets):
+            raise MaskrtError("the training budget (--steps / --epochs / --minutes) must be positive")
         if self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
             raise MaskrtError("--batch-size and --checkpoint-every must be >= 1 and --lr > 0")
         if self.roi_op not in ("align", "pool"):
@@ -164,7 +177,8 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         return cls(data=args.data, out=args.out, preset=args.config, epochs=args.epochs, minutes=args.minutes,
-                   weights=args.weights, resume=args.resume, roi_op=args.roi_op, seed=args.seed,
+                   steps=getattr(args, "steps", None), repaint_prob=getattr(args, "repaint", 0.0),
+                   camera_noise_prob=getattr(args, "camera_noise", 0.0), weights=args.weights, resume=args.resume, roi_op=args.roi_op, seed=args.seed,
                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                    checkpoint_every=args.checkpoint_every, precision=args.precision,
                    device=args.device, workers=args.workers, progress=not args.no_progress)
@@ -312,6 +326,7 @@ class TrainItems(torch.utils.data.Dataset):
     def __init__(self, dataset: CocoDataset, config: TrainConfig, input_size: tuple[float, float] | None) -> None:
         self.dataset, self.input_size = dataset, input_size
         self.seed, self.augment, self.scale_range = config.seed, config.augment, config.scale_range
+        self.repaint_prob, self.camera_noise_prob = float(config.repaint_prob), float(config.camera_noise_prob)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -325,7 +340,8 @@ class TrainItems(torch.utils.data.Dataset):
             if new_height < height or new_width < width:  # only a scale below 1 makes either side smaller
                 sample = resize(sample, new_height, new_width)
         if sample is not None and sample.labels.size and self.augment:
-            sample = train_augment(sample, sample_rng(self.seed, epoch, rng_position), scale_range=self.scale_range)
+            sample = train_augment(sample, sample_rng(self.seed, epoch, rng_position), scale_range=self.scale_range,
+                                   p_repaint=self.repaint_prob, p_camera=self.camera_noise_prob)
         if sample is None or not sample.labels.size:
             return key, None
         return key, sample
@@ -600,7 +616,8 @@ def _train(config: TrainConfig, stop_after_steps: int | None, ranks: Any, device
         stored = state["config"]
         # The run's identity (preset, classes, optimiser, precision, data order) comes from the
         # checkpoint; the budget may be extended and the device chosen anew on the command line.
-        budget = {"epochs": config.epochs, "minutes": config.minutes} if (config.epochs or config.minutes) else {}
+        given = {"epochs": config.epochs, "minutes": config.minutes, "steps": config.steps}
+        budget = given if any(v is not None for v in given.values()) else {}
         config = TrainConfig(**{**stored, **budget, "data": config.data, "out": config.out, "resume": True,
                                 "progress": config.progress, "device": config.device,
                                 "workers": config.workers})
@@ -639,8 +656,9 @@ def _train(config: TrainConfig, stop_after_steps: int | None, ranks: Any, device
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     shard_length = len(shard_positions(len(dataset), ranks.rank, ranks.world_size))
-    total_steps = (math.ceil(config.epochs * shard_length / int(config.batch_size))
-                   if config.epochs is not None else None)
+    total_steps = (int(config.steps) if config.steps is not None
+                   else math.ceil(config.epochs * shard_length / int(config.batch_size)) if config.epochs is not None
+                   else None)
     budget_s = config.minutes * 60 if config.minutes is not None else None
 
     def fraction_done() -> float:
