@@ -56,17 +56,25 @@ def _build(source: Path = SOURCE, flags: Sequence[str] = COMPILE_FLAGS, folder: 
     return build_cached_library(compiler, source, flags, target)
 
 
+def _build_and_load(source: Path, flags: Sequence[str], folder: str, name: str, what: str) -> ctypes.CDLL | None:
+    """One native library, built on first use and loaded; None where it cannot be had. No
+    compiler is the documented fallback (silent); a failed build or load warns once."""
+    try:
+        return ctypes.CDLL(str(_build(source, flags, folder, name)))
+    except (MaskrtError, OSError) as error:
+        if "no C++ compiler" not in str(error):
+            warnings.warn(f"maskrt: native CPU {what} unavailable, using the PyTorch path: {error}", stacklevel=3)
+        return None
+
+
 def load_library() -> ctypes.CDLL | None:
     """The loaded library (built on first use), or None where it cannot be had (the fallback runs)."""
     global _library, _unavailable
     if _library is not None or _unavailable:
         return _library
-    try:
-        library = ctypes.CDLL(str(_build()))
-    except (MaskrtError, OSError) as error:
+    library = _build_and_load(SOURCE, COMPILE_FLAGS, "roi-align-cpu", LIBRARY_NAME, "RoIAlign")
+    if library is None:
         _unavailable = True
-        if "no C++ compiler" not in str(error):
-            warnings.warn(f"maskrt: native CPU RoIAlign unavailable, using the PyTorch path: {error}", stacklevel=2)
         return None
     entry = library.maskrt_roi_align_forward_cpu
     entry.restype = ctypes.c_int
@@ -86,12 +94,9 @@ def load_nms_library() -> ctypes.CDLL | None:
     global _nms_library, _nms_unavailable
     if _nms_library is not None or _nms_unavailable:
         return _nms_library
-    try:
-        library = ctypes.CDLL(str(_build(NMS_SOURCE, NMS_COMPILE_FLAGS, "nms-cpu", NMS_LIBRARY_NAME)))
-    except (MaskrtError, OSError) as error:
+    library = _build_and_load(NMS_SOURCE, NMS_COMPILE_FLAGS, "nms-cpu", NMS_LIBRARY_NAME, "NMS")
+    if library is None:
         _nms_unavailable = True
-        if "no C++ compiler" not in str(error):
-            warnings.warn(f"maskrt: native CPU NMS unavailable, using the PyTorch path: {error}", stacklevel=2)
         return None
     entry = library.maskrt_nms_sorted_cpu
     entry.restype = ctypes.c_int64
