@@ -50,27 +50,10 @@ def resized_size(height: int, width: int, min_size: float, max_size: float) -> t
     return int(math.floor(height * scale)), int(math.floor(width * scale))
 
 
-def detectron2_resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
-    """detectron2's `ResizeShortestEdge.get_output_shape` (augmentation_impl.py lines 181-200),
-    in Python floats: the short side to min_size, the long side capped at max_size, each
-    rounded half up (`int(x + 0.5)`); torchvision floors instead."""
-    size = float(min_size)
-    scale = size / min(height, width)
-    if height < width:
-        new_h, new_w = size, scale * width
-    else:
-        new_h, new_w = scale * height, size
-    if max(new_h, new_w) > max_size:
-        scale = float(max_size) / max(new_h, new_w)
-        new_h = new_h * scale
-        new_w = new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
 def resize_image(image: Tensor, min_size: float, max_size: float, rule: str = "torchvision") -> Tensor:
     """Bilinear resize (align_corners=False, recomputed scale factor) of [C, h, w] -> [C, h', w'].
 
-    rule "detectron2": to `detectron2_resized_size`, by PIL's bilinear on the uint8 image
+    rule "detectron2": to `maskrt.runtime.preprocess.detectron2_resized_size`, by PIL's bilinear on the uint8 image
     `round(255 x)`, as detectron2's `ResizeTransform` resizes the uint8 image it is given."""
     if image.dim() != 3:
         raise MaskrtError(f"an image must be a [C, H, W] tensor, got shape {tuple(image.shape)}")
@@ -79,7 +62,10 @@ def resize_image(image: Tensor, min_size: float, max_size: float, rule: str = "t
     if rule not in RESIZE_RULES:
         raise MaskrtError(f"unknown resize rule {rule!r}: choose 'torchvision' or 'detectron2'")
     if rule == "detectron2":
-        size = detectron2_resized_size(int(image.shape[-2]), int(image.shape[-1]), min_size, max_size)
+        # The size rule is the runtime's (torch-free), so that the model and the runtime share one.
+        from maskrt.runtime.preprocess import detectron2_resized_size
+
+        size = detectron2_resized_size((int(image.shape[-2]), int(image.shape[-1])), min_size, max_size)
         if size == (int(image.shape[-2]), int(image.shape[-1])):
             return image  # PIL's resize to the same size is the identity
         return pil_bilinear_resize(image, size)

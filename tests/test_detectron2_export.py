@@ -48,6 +48,18 @@ def d2_model(tmp_path_factory):
     return model
 
 
+def assert_same_detections(ours, expected: dict) -> None:
+    """The runtime's detections are the PyTorch model's: labels equal, boxes < 1e-2 px, scores
+    < 1e-4, masks equal but for pixels whose probability is within 1e-3 of 0.5."""
+    assert np.array_equal(ours.labels, expected["labels"].numpy())
+    assert np.abs(ours.boxes - expected["boxes"].numpy()).max() < 1e-2
+    np.testing.assert_allclose(ours.scores, expected["scores"].numpy(), rtol=0, atol=1e-4)
+    probabilities = expected["masks"][:, 0].numpy()
+    differ = ours.masks != (probabilities >= 0.5)
+    assert np.all(np.abs(probabilities[differ] - 0.5) < 1e-3), f"{differ.sum()} pixels differ"
+    assert ours.masks.sum() > 1000
+
+
 @pytest.mark.parametrize("target", ["onnx", "tensorrt"])
 def test_runtime_gives_the_pytorch_models_detections(d2_model, target: str, tmp_path) -> None:
     from maskrt.export.onnx_export import export_onnx
@@ -78,13 +90,7 @@ def test_runtime_gives_the_pytorch_models_detections(d2_model, target: str, tmp_
     count = len(expected["scores"])
     assert count >= 10 and len(ours) == count
     assert len(set(expected["labels"].tolist())) >= 2  # not one dominant label
-    assert np.array_equal(ours.labels, expected["labels"].numpy())
-    assert np.abs(ours.boxes - expected["boxes"].numpy()).max() < 1e-2
-    np.testing.assert_allclose(ours.scores, expected["scores"].numpy(), rtol=0, atol=1e-4)
-    probabilities = expected["masks"][:, 0].numpy()
-    differ = ours.masks != (probabilities >= 0.5)
-    assert np.all(np.abs(probabilities[differ] - 0.5) < 1e-3), f"{differ.sum()} pixels differ"
-    assert ours.masks.sum() > 1000
+    assert_same_detections(ours, expected)
 
 
 # --- an image that does not fill the model input, through the runtime's own preprocessing ----
@@ -136,10 +142,4 @@ def test_runtime_gives_the_pytorch_models_detections_on_an_image_that_does_not_f
     assert count >= 10 and len(ours) == count
     # Boxes reach the image's edge (x = 640 or y = 427): clipped where the padding starts.
     assert (expected["boxes"][:, 2] == 640).any() or (expected["boxes"][:, 3] == 427).any()
-    assert np.array_equal(ours.labels, expected["labels"].numpy())
-    assert np.abs(ours.boxes - expected["boxes"].numpy()).max() < 1e-2
-    np.testing.assert_allclose(ours.scores, expected["scores"].numpy(), rtol=0, atol=1e-4)
-    probabilities = expected["masks"][:, 0].numpy()
-    differ = ours.masks != (probabilities >= 0.5)
-    assert np.all(np.abs(probabilities[differ] - 0.5) < 1e-3), f"{differ.sum()} pixels differ"
-    assert ours.masks.sum() > 1000
+    assert_same_detections(ours, expected)

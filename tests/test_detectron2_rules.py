@@ -27,7 +27,7 @@ from maskrt.model import ops
 from maskrt.model.mask_rcnn import MaskRCNN
 from maskrt.model.roi_heads import MultiLevelRoIPooler, RoIHeads
 from maskrt.model.rpn import RegionProposalNetwork, RPNHead
-from maskrt.model.transform import detectron2_paste_masks_in_image, detectron2_resized_size, paste_masks_in_image
+from maskrt.model.transform import detectron2_paste_masks_in_image, paste_masks_in_image
 from maskrt.runtime.postprocess import paste_mask_crops, paste_masks
 
 torch.set_num_threads(1)
@@ -361,9 +361,9 @@ def test_paste_skips_empty_boxes() -> None:
     ((800, 800), (800, 800)),
 ])
 def test_resize_rounding_is_detectron2s(size, expected) -> None:
-    from maskrt.runtime.preprocess import resized_size
+    from maskrt.runtime.preprocess import detectron2_resized_size, resized_size
 
-    assert detectron2_resized_size(*size, 800, 1333) == expected
+    assert detectron2_resized_size(size, 800, 1333) == expected
     # The runtime's rule, given an input that holds the result (800x1344, or larger).
     assert resized_size(size, (1344, 1344), "detectron2", 800, 1333) == expected
 
