@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--conf", type=float, default=0.5, help="lowest score shown (default: 0.5)")
     inf.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (default: all)")
     inf.add_argument("--plugin", help="TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/)")
+    inf.add_argument("--threads", type=int,
+                     help="ONNX Runtime intra-op threads (default: one per core); on a CPU the loop's decoding, "
+                     "drawing and encoding share the cores with them (docs/runtime.md)")
     inf.set_defaults(handler=_infer)
 
     # bench
@@ -327,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "detection the graph keeps, the worst case)")
     be.add_argument("--rounds", type=int, default=3, help="with --source: interleaved rounds of engine-alone and "
                                                           "loop timing (--iters frames each); medians reported")
+    be.add_argument("--threads", type=int,
+                    help="ONNX Runtime intra-op threads (default: one per core), for the engine alone and the loop "
+                    "alike")
     be.set_defaults(handler=_bench)
 
     # doctor

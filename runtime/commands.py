@@ -18,12 +18,13 @@ import numpy as np
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import draw_detections
 from maskrt.runtime.predictor import Detections, Predictor
-from maskrt.runtime.video import (VIDEO_SAVE_SUFFIXES, FrameSink, FrameStages, ImageSource, VideoFileSource,
-                                  check_display, open_source, run_loop)
+from maskrt.runtime.video import (VIDEO_SAVE_SUFFIXES, FrameSink, FrameStages, ImageSource, LoopStats,
+                                  VideoFileSource, check_display, open_source, run_loop)
 
 
 def _predictor_from_args(args: argparse.Namespace, conf: float) -> Predictor:
-    return Predictor(args.model, backend=args.backend, conf=conf, plugin=getattr(args, "plugin", None))
+    return Predictor(args.model, backend=args.backend, conf=conf, plugin=getattr(args, "plugin", None),
+                     threads=getattr(args, "threads", None))
 
 
 def describe(detections: Detections) -> str:
@@ -64,6 +65,9 @@ def infer_command(args: argparse.Namespace) -> int:
     if getattr(args, "server", None):
         if args.model:
             raise MaskrtError("give --model (run it here) or --server (a Triton server runs it), not both")
+        if getattr(args, "threads", None) is not None:
+            raise MaskrtError("--threads sets the engine's threads here; with --server the server runs the engine "
+                              "(`maskrt serve --threads`)")
         from maskrt.runtime.backends.triton import TritonPredictor
         stages = remote_stages(TritonPredictor(args.server, conf=args.conf))
     elif not args.model:
@@ -201,6 +205,36 @@ def _engine_fps(predictor: Predictor, inputs: np.ndarray, iters: int) -> float:
     return iters / (time.perf_counter() - begin)
 
 
+def bench_round(predictor: Predictor, inputs: np.ndarray, stages: FrameStages, source, frames: int,
+                sink_path: Path | None) -> tuple[dict[str, float], LoopStats]:
+    """One round of ``maskrt bench --source``: the engine alone on ``inputs`` (the source's
+    letterboxed frame) for ``frames`` images, then the loop on ``source`` for ``frames`` frames
+    (overlays encoded to ``sink_path`` when given). Returns the round's figures and the loop's
+    stats. Process CPU time is taken beside wall time: what the loop's other stages cost beside
+    the engine, which a machine shared with other work disturbs far less than the clock."""
+    cpu_begin = time.process_time()
+    engine = _engine_fps(predictor, inputs, frames)
+    engine_cpu_ms = (time.process_time() - cpu_begin) * 1000.0 / frames
+    sink = FrameSink(str(sink_path), fps=30.0) if sink_path is not None else None
+    cpu_begin = time.process_time()
+    stats = run_loop(source, stages, sink=sink, max_frames=frames)
+    loop_cpu_ms = (time.process_time() - cpu_begin) * 1000.0 / max(stats.frames, 1)
+    if stats.interrupted:
+        raise MaskrtError("bench stopped by Ctrl-C")
+    return ({"engine_fps": engine, "loop_fps": stats.fps, "frames": stats.frames, "dropped": stats.dropped,
+             "ratio": stats.fps / engine, "engine_cpu_ms_per_image": engine_cpu_ms,
+             "loop_cpu_ms_per_frame": loop_cpu_ms}, stats)
+
+
+def engine_threads(predictor: Predictor) -> int | None:
+    """ONNX Runtime's intra-op threads as set (``--threads``), None for its default (one per
+    physical core) or a backend without the setting."""
+    session = getattr(predictor.backend, "session", None)
+    if session is None or not hasattr(session, "get_session_options"):
+        return None
+    return int(session.get_session_options().intra_op_num_threads) or None
+
+
 def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
     """``maskrt bench --source``: the pipelined loop at the source's own resolution, per stage,
     next to the engine's own throughput, in rounds that alternate the two (same machine load)."""
@@ -234,24 +268,14 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
                            stages.draw)
     with tempfile.TemporaryDirectory(prefix="maskrt-bench-") as folder:
         for round_index in range(args.rounds):
-            # Process CPU time as well as wall time: what the loop's other stages cost beside the
-            # engine, which a machine shared with other work disturbs far less than the clock.
-            cpu_begin = time.process_time()
-            engine = _engine_fps(predictor, inputs, frames_per_round)
-            engine_cpu_ms = (time.process_time() - cpu_begin) * 1000.0 / frames_per_round
             source = (RepeatedImageSource(frame, frames_per_round, spec) if isinstance(probe, ImageSource)
                       else open_source(spec))
-            sink = FrameSink(str(Path(folder) / f"round{round_index}.mp4"), fps=30.0) if args.draw else None
-            cpu_begin = time.process_time()
-            stats = run_loop(source, counting, sink=sink, max_frames=frames_per_round)
-            loop_cpu_ms = (time.process_time() - cpu_begin) * 1000.0 / max(stats.frames, 1)
-            if stats.interrupted:
-                raise MaskrtError("bench stopped by Ctrl-C")
-            rounds.append({"engine_fps": engine, "loop_fps": stats.fps, "frames": stats.frames,
-                           "dropped": stats.dropped, "ratio": stats.fps / engine,
-                           "engine_cpu_ms_per_image": engine_cpu_ms, "loop_cpu_ms_per_frame": loop_cpu_ms})
+            sink_path = Path(folder) / f"round{round_index}.mp4" if args.draw else None
+            figures, stats = bench_round(predictor, inputs, counting, source, frames_per_round, sink_path)
+            rounds.append(figures)
             for name, values in stats.stage_ms.items():
                 merged[name].extend(values)
+            engine = figures["engine_fps"]
             print(f"  round {round_index + 1}: engine alone {engine:6.2f} images/s, loop {stats.fps:6.2f} FPS "
                   f"({stats.frames} frames) -> {stats.fps / engine:.2f}x", flush=True)
     report: dict[str, object] = {
@@ -261,6 +285,8 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
         "frames_per_round": frames_per_round, "rounds": rounds, "conf": args.conf,
         "detections_per_frame": float(np.mean(detections_seen)) if detections_seen else 0.0,
         "opencv_threads_in_loop": 1, "machine": machine_description(load_at_start),
+        # null: ONNX Runtime's default (one per physical core); the engine alone and the loop use the same
+        "engine_threads": engine_threads(predictor),
         "providers": getattr(predictor.backend, "providers", None),
         "stages_ms": {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
                       for name, v in merged.items() if v},
@@ -271,7 +297,8 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
     report["engine_cpu_ms_per_image"] = statistics.median(r["engine_cpu_ms_per_image"] for r in rounds)
     report["loop_cpu_ms_per_frame"] = statistics.median(r["loop_cpu_ms_per_frame"] for r in rounds)
     print(f"maskrt bench: {args.model} on {predictor.backend.name}, source {spec} at {width}x{height}, "
-          f"{report['detections_per_frame']:.0f} detections per frame, draw {'on' if args.draw else 'off'}")
+          f"{report['detections_per_frame']:.0f} detections per frame, draw {'on' if args.draw else 'off'}, "
+          f"engine threads {report['engine_threads'] or 'default (one per core)'}")
     for name, figures in report["stages_ms"].items():
         print(f"  {name:<12} p50 {figures['p50']:8.2f} ms   p99 {figures['p99']:8.2f} ms")
     machine = report["machine"]
@@ -352,6 +379,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "model": str(args.model), "backend": predictor.backend.name,
         "providers": getattr(predictor.backend, "providers", None),
         "precision": predictor.info.precision, "input_size": [height, width], "batch": 1,
+        "engine_threads": engine_threads(predictor),
         "iters": args.iters, "warmup": args.warmup, "detections": detections,
     }
     for name, values in stages.items():

@@ -91,14 +91,18 @@ class Predictor:
     providers: ONNX Runtime providers (default CUDA when available, else CPU).
     conf: keep detections with score >= conf (default 0.5; use 0.0 for evaluation).
     plugin: TensorRT plugin library (default $MASKRT_PLUGIN_LIB or build/plugins/).
+    threads: ONNX Runtime's intra-op threads (default its own: one per physical core). On a CPU,
+    the video loop's other stages share the cores with them (docs/runtime.md).
     """
 
     def __init__(self, model_path: str | os.PathLike, backend: str = "auto", device: int = 0,
-                 providers: Sequence | None = None, conf: float = DEFAULT_CONF, plugin: str | None = None) -> None:
+                 providers: Sequence | None = None, conf: float = DEFAULT_CONF, plugin: str | None = None,
+                 threads: int | None = None) -> None:
         if not 0.0 <= conf <= 1.0:
             raise MaskrtError(f"conf must be in [0, 1], got {conf}")
         self.conf = float(conf)
-        self.backend: Backend = open_backend(model_path, backend, device=device, providers=providers, plugin=plugin)
+        self.backend: Backend = open_backend(model_path, backend, device=device, providers=providers, plugin=plugin,
+                                             threads=threads)
         self.info: ModelInfo = parse_metadata(self.backend.metadata, str(model_path))
 
     @classmethod

@@ -332,3 +332,50 @@ def test_bench_draw_without_source_and_bad_rounds_are_one_line_errors(fake_model
     assert "--draw needs --source" in capsys.readouterr().err
     assert main(["bench", "--model", str(fake_model), "--source", "0", "--rounds", "0"]) == 2
     assert "--rounds must be positive" in capsys.readouterr().err
+
+
+def test_threads_set_the_engines_intra_op_threads_for_infer_and_bench(tmp_path, fake_model, video, capsys,
+                                                                       monkeypatch):
+    """`--threads N` reaches ONNX Runtime's session (the one `maskrt serve --threads` sets), for
+    `maskrt infer` and for both halves of `maskrt bench --source` (engine alone and loop)."""
+    import json
+
+    from maskrt.runtime import commands
+
+    assert Predictor(fake_model, threads=1).backend.session.get_session_options().intra_op_num_threads == 1
+    opened = []
+
+    class RecordingPredictor(Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self.backend.session.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(commands, "Predictor", RecordingPredictor)
+    assert main(["infer", "--model", str(fake_model), "--source", str(video), "--threads", "1",
+                 "--max-frames", "2"]) == 0
+    assert opened == [1]
+    report = tmp_path / "bench.json"
+    image = tmp_path / "still.png"
+    cv2.imwrite(str(image), np.full((40, 60, 3), 90, np.uint8))
+    for threads, expected in ((["--threads", "1"], 1), ([], None)):
+        assert main(["bench", "--model", str(fake_model), "--source", str(image), "--iters", "2", "--rounds", "1",
+                     "--json", str(report)] + threads) == 0
+        assert json.loads(report.read_text())["engine_threads"] == expected
+    assert opened == [1, 1, 0]  # 0: ONNX Runtime's default, reported as null
+    capsys.readouterr()
+
+
+def test_bad_threads_are_one_line_errors(tmp_path, fake_model, capsys):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00fake serialized engine")
+    (tmp_path / "model.engine.json").write_text("{}")
+    cases = [
+        (["infer", "--model", str(fake_model), "--source", "0", "--threads", "0"], "threads must be at least 1"),
+        (["bench", "--model", str(fake_model), "--threads", "0"], "threads must be at least 1"),
+        (["infer", "--model", str(engine), "--source", "0", "--threads", "1"], "ONNX Runtime models only"),
+        (["infer", "--server", "host:8001", "--source", "0", "--threads", "1"], "maskrt serve --threads"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("maskrt: error: ") and expected in err and err.count("\n") == 1, (argv, err)

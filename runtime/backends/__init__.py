@@ -65,15 +65,20 @@ def choose_backend(path: Path, backend: str) -> str:
 
 
 def open_backend(model_path: str | os.PathLike, backend: str = "auto", device: int = 0,
-                 providers: Sequence[str] | None = None, plugin: str | None = None) -> Backend:
-    """Open ``model_path`` with the named backend ('auto' picks by file suffix)."""
+                 providers: Sequence[str] | None = None, plugin: str | None = None,
+                 threads: int | None = None) -> Backend:
+    """Open ``model_path`` with the named backend ('auto' picks by file suffix). ``threads``:
+    ONNX Runtime's intra-op threads (None: its default, one per physical core); a TensorRT
+    engine has no such setting, so giving it one is an error."""
     if backend not in BACKEND_NAMES:  # checked before the file, so a typo is reported first
         raise MaskrtError(f"unknown backend {backend!r}: choose one of {', '.join(BACKEND_NAMES)}")
     path = check_model_file(model_path)
     kind = choose_backend(path, backend)
     if kind == "onnxruntime":
         from maskrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(path, device=device, providers=providers)
+        return OnnxRuntimeBackend(path, device=device, providers=providers, threads=threads)
+    if threads is not None:
+        raise MaskrtError(f"--threads applies to ONNX Runtime models only, not the TensorRT engine {path}")
     from maskrt.runtime.backends.tensorrt import TensorRTBackend
     return TensorRTBackend(path, device=device, plugin=plugin)
 
