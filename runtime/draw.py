@@ -7,6 +7,7 @@ class (a golden-ratio walk round the hue circle) so a class keeps its colour acr
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import threading
 from typing import Sequence
@@ -55,6 +56,18 @@ _labels: collections.OrderedDict[tuple[str, tuple[int, int, int], float], np.nda
 _labels_lock = threading.Lock()
 
 
+def label_box(text: str, origin: tuple[int, int], scale: float, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive: the filled box ``draw_label`` draws for ``text`` at
+    ``origin`` in an image of ``image_size`` (h, w); the text stays inside it. It may pass the
+    image's right or bottom edge when the label is larger than the image."""
+    thickness = max(1, int(round(scale * 2)))
+    (text_w, text_h), baseline = text_size(text, scale, thickness)
+    h, w = image_size
+    x = int(min(max(origin[0], 0), max(w - text_w - 2, 0)))  # where draw_label puts it
+    y = int(min(max(origin[1], 0), max(h - text_h - baseline - 2, 0)))
+    return x, y, x + text_w + 3, y + text_h + baseline + 3
+
+
 def draw_label_remembered(image: np.ndarray, text: str, origin: tuple[int, int], color: tuple[int, int, int],
                           scale: float = 0.5) -> None:
     """``draw_label``, with the label's pixels remembered: its box is filled opaque and the text
@@ -62,12 +75,8 @@ def draw_label_remembered(image: np.ndarray, text: str, origin: tuple[int, int],
     the image beneath or on where it lands, and the next frame's same label ("person 0.87") is
     one copy instead of a filled rectangle and anti-aliased text (~30 us). A label clipped by
     the image's edge is drawn, not remembered. In place."""
-    thickness = max(1, int(round(scale * 2)))
-    (text_w, text_h), baseline = text_size(text, scale, thickness)
     h, w = image.shape[:2]
-    x = int(min(max(origin[0], 0), max(w - text_w - 2, 0)))  # where draw_label puts it
-    y = int(min(max(origin[1], 0), max(h - text_h - baseline - 2, 0)))
-    right, bottom = x + text_w + 3, y + text_h + baseline + 3  # the filled box, exclusive
+    x, y, right, bottom = label_box(text, origin, scale, (h, w))
     if right > w or bottom > h:
         draw_label(image, text, origin, color, scale)
         return
@@ -107,7 +116,7 @@ def color_plane(color: tuple[int, int, int], height: int, width: int) -> np.ndar
 
 
 def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45,
-                    show_boxes: bool = True) -> np.ndarray:
+                    show_boxes: bool = True, threads: int = 1) -> np.ndarray:
     """A copy of ``bgr`` [h,w,3] uint8 with each detection's mask (translucent), contour, box and
     "name score" label drawn; highest score drawn last so it stays on top.
 
@@ -120,11 +129,18 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     those of blending and tracing full-frame masks (tests/test_runtime_crops.py compares).
     Per-detection values (windows, colours, rounded boxes, texts) are computed once, as Python
     numbers, before any drawing.
+
+    ``threads`` > 1 draws in that many threads at once (``draw_detections_in_bands``), with the
+    same pixels: less wall time where a core is free, the same CPU time or a little more.
     """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     canvas = bgr.copy()
     count = len(detections)
     if count == 0:
         return canvas
+    if threads > 1 and count > 1:
+        return draw_detections_in_bands(bgr, canvas, detections, alpha, show_boxes, min(threads, count))
     crops = detections.mask_crops
     order = np.argsort(detections.scores, kind="stable").tolist()  # low scores first
     labels = detections.labels.tolist()
@@ -165,6 +181,181 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
         if show_boxes:
             cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
         draw_label_remembered(canvas, f"{names[i]} {scores[i]:.2f}", (x1, y1 - label_lift), color, label_scale)
+    return canvas
+
+
+# How far beyond its geometry an OpenCV call may write pixels: a 2 px anti-aliased contour (half
+# width 1, round caps of radius 1, an anti-aliased fringe of about 1.5 px), a 1 px anti-aliased
+# box line (a fringe of about 1.5 px), putText inside its label box (a test checks). Generous: a
+# wider footprint only adds waits between the threads, never other pixels.
+CONTOUR_REACH = 4
+BOX_REACH = 3
+LABEL_REACH = 2
+
+_band_pool: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
+_band_pool_lock = threading.Lock()
+
+
+def _band_workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A kept pool of at least ``count`` threads (starting threads per frame would cost more)."""
+    global _band_pool
+    with _band_pool_lock:
+        if _band_pool is None or _band_pool[1] < count:
+            if _band_pool is not None:
+                _band_pool[0].shutdown(wait=False)
+            _band_pool = (concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="maskrt-draw"), count)
+        return _band_pool[0]
+
+
+class BandDrawing:
+    """``draw_detections``' operations, dealt to ``threads`` threads so that they may run at once
+    with the one-thread pixels (``draw_detections_in_bands`` runs them).
+
+    The drawing is a sequence of operations: each detection's blend, lowest score first (0 to
+    N-1), then each detection's contours, box and label, lowest score first (N to 2N-1). Each
+    operation has a footprint (x0, y0, x1, y1) holding every pixel it may write: the blend, the
+    mask's window; the rest, the window and box grown by how far anti-aliased lines reach
+    (``CONTOUR_REACH``, ``BOX_REACH``), and the label's box. Detections are dealt to the threads
+    by the height of their footprints' centres (horizontal bands, equal counts); a thread runs
+    its operations in sequence order, and operation k must wait until operation
+    ``waits[k][t]`` of each other thread t is done: the last earlier one whose footprint overlaps
+    k's. Operations whose footprints do not overlap touch different pixels, so their order does
+    not matter; those that do keep the one-thread order."""
+
+    def __init__(self, bgr: np.ndarray, canvas: np.ndarray, detections: Detections, alpha: float,
+                 show_boxes: bool, threads: int) -> None:
+        self.bgr, self.canvas, self.alpha, self.show_boxes, self.threads = bgr, canvas, alpha, show_boxes, threads
+        crops = detections.mask_crops
+        self.crops = crops.crops
+        count = self.count = len(detections)
+        height, width = canvas.shape[:2]
+        self.order = np.argsort(detections.scores, kind="stable").tolist()  # low scores first
+        self.colors = [class_color(int(label)) for label in detections.labels.tolist()]
+        self.windows = [(x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
+                        for (x0, y0), crop in zip(crops.origins.tolist(), crops.crops)]
+        self.boxes = np.rint(detections.boxes).astype(np.int64).tolist()
+        names, scores = detections.names, detections.scores.tolist()
+        self.texts = [f"{names[i]} {scores[i]:.2f}" for i in range(count)]
+        self.label_scale = max(0.4, min(1.0, height / 900))
+        self.label_lift = int(22 * self.label_scale)
+        footprints = np.empty((2 * count, 4), np.int64)
+        for slot, i in enumerate(self.order):
+            footprints[slot] = self.windows[i]
+            footprints[count + slot] = self.drawing_footprint(i, (height, width))
+        self.footprints = footprints
+        # Bands: detections by the height of their drawing footprint's centre, equal counts.
+        centres = footprints[count:, 1] + footprints[count:, 3]
+        band_of_slot = np.empty(count, np.int64)
+        band_of_slot[np.argsort(centres, kind="stable")] = np.arange(count) * threads // count
+        self.thread_of_op = np.concatenate([band_of_slot, band_of_slot])
+        left, top, right, bottom = footprints.T
+        overlap = ((left[:, None] < right[None, :]) & (left[None, :] < right[:, None])
+                   & (top[:, None] < bottom[None, :]) & (top[None, :] < bottom[:, None]))
+        overlap &= np.tri(2 * count, k=-1, dtype=bool)  # [k, j]: j < k
+        earlier = np.where(overlap, np.arange(2 * count)[None, :], -1)
+        waits = np.stack([np.where(self.thread_of_op[None, :] == t, earlier, -1).max(axis=1)
+                          for t in range(threads)], 1)
+        waits[np.arange(2 * count), self.thread_of_op] = -1  # a thread's own earlier operations are done
+        self.awaited = set(waits[waits >= 0].tolist())
+        self.waits = waits.tolist()
+        # One colour plane per colour, as large as that colour's largest window (a blend's
+        # rectangle lies inside its window).
+        plane_sizes: dict[tuple[int, int, int], tuple[int, int]] = {}
+        for i in range(count):
+            x0, y0, x1, y1 = self.windows[i]
+            h, w = plane_sizes.get(self.colors[i], (0, 0))
+            plane_sizes[self.colors[i]] = (max(h, y1 - y0), max(w, x1 - x0))
+        self.planes = {color: color_plane(color, h, w) for color, (h, w) in plane_sizes.items()}
+        self.masks_u8: dict[int, np.ndarray] = {}
+        self.contours: dict[int, Sequence[np.ndarray]] = {}
+
+    def drawing_footprint(self, i: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Where detection i's contours, box and label may write: (x0, y0, x1, y1), exclusive ends."""
+        x0, y0, x1, y1 = self.windows[i]
+        reach = [x0 - CONTOUR_REACH, y0 - CONTOUR_REACH, x1 + CONTOUR_REACH, y1 + CONTOUR_REACH]
+        bx1, by1, bx2, by2 = self.boxes[i]
+        if self.show_boxes:
+            reach = [min(reach[0], bx1 - BOX_REACH), min(reach[1], by1 - BOX_REACH),
+                     max(reach[2], bx2 + 1 + BOX_REACH), max(reach[3], by2 + 1 + BOX_REACH)]
+        lx0, ly0, lx1, ly1 = label_box(self.texts[i], (bx1, by1 - self.label_lift), self.label_scale, image_size)
+        return (min(reach[0], lx0 - LABEL_REACH), min(reach[1], ly0 - LABEL_REACH),
+                max(reach[2], lx1 + LABEL_REACH), max(reach[3], ly1 + LABEL_REACH))
+
+    def operations(self, thread: int) -> list[int]:
+        """Thread ``thread``'s operations, in the order it runs them."""
+        return np.flatnonzero(self.thread_of_op == thread).tolist()
+
+    def trace(self, thread: int) -> None:
+        """Trace the contours of ``thread``'s detections (each on its crop, with its offset)."""
+        for k in self.operations(thread):
+            if k < self.count:
+                i = self.order[k]
+                mask = np.ascontiguousarray(self.crops[i], dtype=bool).view(np.uint8)
+                self.masks_u8[i] = mask
+                self.contours[i] = (cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                                     offset=self.windows[i][:2])[0] if mask.size else ())
+
+    def run(self, k: int) -> None:
+        """Operation k on the canvas (its thread has traced its contours)."""
+        i = self.order[k % self.count]
+        contours, color, canvas = self.contours[i], self.colors[i], self.canvas
+        if k < self.count:
+            if contours:
+                x0, y0, w, h = cv2.boundingRect(np.concatenate(contours))
+                x1, y1 = x0 + w, y0 + h
+                left, top = self.windows[i][:2]
+                blended = cv2.addWeighted(self.bgr[y0:y1, x0:x1], 1.0 - self.alpha, self.planes[color][:h, :w],
+                                          self.alpha, 0.0)
+                cv2.copyTo(blended, self.masks_u8[i][y0 - top:y1 - top, x0 - left:x1 - left], canvas[y0:y1, x0:x1])
+            return
+        if contours:
+            cv2.drawContours(canvas, contours, -1, color, 2, cv2.LINE_AA)
+        x1, y1, x2, y2 = self.boxes[i]
+        if self.show_boxes:
+            cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1, cv2.LINE_AA)
+        draw_label_remembered(canvas, self.texts[i], (x1, y1 - self.label_lift), color, self.label_scale)
+
+
+def draw_detections_in_bands(bgr: np.ndarray, canvas: np.ndarray, detections: Detections, alpha: float,
+                             show_boxes: bool, threads: int) -> np.ndarray:
+    """``draw_detections`` in ``threads`` threads (``BandDrawing``), pixel for pixel
+    (tests/test_runtime_crops.py compares, on random detections many of which cross from one
+    band into another, in the threads and in adversarial orders); draws on ``canvas`` (a copy of
+    ``bgr``) and returns it. OpenCV releases the GIL while it draws, so the threads run at once."""
+    drawing = BandDrawing(bgr, canvas, detections, alpha, show_boxes, threads)
+    done = [-1] * threads  # the last operation each thread finished
+    progress = threading.Condition()
+    failures: list[BaseException] = []
+
+    def work(thread: int) -> None:
+        try:
+            drawing.trace(thread)
+            for k in drawing.operations(thread):
+                for other, last in enumerate(drawing.waits[k]):
+                    if last >= 0 and done[other] < last:
+                        with progress:
+                            while done[other] < last and not failures:
+                                progress.wait()
+                        if failures:
+                            return
+                drawing.run(k)
+                if k in drawing.awaited:
+                    with progress:
+                        done[thread] = k
+                        progress.notify_all()
+                else:
+                    done[thread] = k
+        except BaseException as err:  # wake the other threads; raised in the caller
+            with progress:
+                failures.append(err)
+                progress.notify_all()
+
+    futures = [_band_workers(threads - 1).submit(work, thread) for thread in range(1, threads)]
+    work(0)
+    for future in futures:
+        future.result()
+    if failures:
+        raise failures[0]
     return canvas
 
 

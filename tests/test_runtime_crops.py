@@ -304,3 +304,94 @@ def test_empty_and_single_pixel_masks_in_wide_windows_draw_as_before():
     ours = draw_detections(image, Detections(boxes, scores, labels, class_names=CLASS_NAMES, mask_crops=crops))
     expected = draw_detections_full_frame(image, Detections(boxes, scores, labels, crops.full(), CLASS_NAMES))
     assert np.array_equal(ours, expected)
+
+
+def _draw_in_order(image: np.ndarray, detections: Detections, threads: int, rng: np.random.Generator | None,
+                   alpha: float = 0.45, show_boxes: bool = True) -> np.ndarray:
+    """``BandDrawing``'s operations run one at a time in an order the threads could take: at each
+    step, a thread whose next operation's waits are all done; the last such thread (each band runs
+    as far ahead of the bands above it as it may) or, with ``rng``, a random one."""
+    from maskrt.runtime.draw import BandDrawing
+
+    canvas = image.copy()
+    drawing = BandDrawing(image, canvas, detections, alpha, show_boxes, threads)
+    queues = [drawing.operations(thread) for thread in range(threads)]
+    for thread in range(threads):
+        drawing.trace(thread)
+    position, done = [0] * threads, [-1] * threads
+    while any(position[t] < len(queues[t]) for t in range(threads)):
+        ready = [t for t in range(threads) if position[t] < len(queues[t]) and
+                 all(last < 0 or done[other] >= last for other, last in enumerate(drawing.waits[queues[t][position[t]]]))]
+        assert ready, "the waits deadlock"
+        thread = ready[-1] if rng is None else ready[int(rng.integers(len(ready)))]
+        operation = queues[thread][position[thread]]
+        drawing.run(operation)
+        done[thread], position[thread] = operation, position[thread] + 1
+    return canvas
+
+
+@pytest.mark.parametrize("h, w, count, seed, alpha, show_boxes", [
+    (97, 131, 24, 0, 0.45, True), (240, 320, 60, 1, 0.45, False), (64, 48, 7, 2, 0.3, True),
+    (360, 640, 100, 3, 0.45, True), (120, 200, 2, 4, 0.7, True), (720, 1280, 20, 5, 0.45, True),
+    (1080, 1920, 100, 6, 0.45, True)])
+def test_drawing_in_threads_gives_the_one_thread_pixels(h, w, count, seed, alpha, show_boxes):
+    """threads > 1 (bands of detections drawn at once, waiting where footprints overlap) gives
+    the one-thread pixels, and the full-frame path's: in real threads, and in the orders that run
+    each band as far ahead as its waits allow or pick bands at random (deterministic stand-ins for
+    the threads' timing). The random detections' boxes are up to 0.8 of the frame, so many cross
+    from one band into the next."""
+    masks, boxes, scores, labels = random_detections(count, h, w, seed)
+    image = np.random.default_rng(seed + 200).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    crops = paste_mask_crops(masks, boxes, (h, w))
+    detections = Detections(boxes, scores, labels, class_names=CLASS_NAMES, mask_crops=crops)
+    expected = draw_detections(image, detections, alpha=alpha, show_boxes=show_boxes)
+    if count <= 60:
+        full = Detections(boxes, scores, labels, crops.full(), CLASS_NAMES)
+        assert np.array_equal(expected, draw_detections_full_frame(image, full, alpha=alpha, show_boxes=show_boxes))
+    for threads in (2, 3, 4):
+        for _ in range(2):
+            ours = draw_detections(image, detections, alpha=alpha, show_boxes=show_boxes, threads=threads)
+            assert np.array_equal(ours, expected), f"{threads} threads: {int((ours != expected).any(2).sum())} px"
+        for rng in (None, np.random.default_rng(seed), np.random.default_rng(seed + 1)):
+            ours = _draw_in_order(image, detections, threads, rng, alpha, show_boxes)
+            assert np.array_equal(ours, expected), f"{threads} threads in order: {int((ours != expected).any(2).sum())} px"
+
+
+def test_band_footprints_hold_every_pixel_an_operation_writes():
+    """Each operation alone, on flat backgrounds, changes pixels only inside its footprint (the
+    threads' waits rest on that), with 2 px to spare for contours, boxes and labels: masks filling
+    their windows (contours on the windows' edges), random blobs, boxes and labels at the edges."""
+    from maskrt.runtime.draw import BandDrawing
+
+    smallest_margin = {"blend": 10**9, "drawing": 10**9}
+    for seed in range(10):
+        h, w = [(97, 131), (240, 320), (360, 640), (720, 1280), (64, 48)][seed % 5]
+        count = [2, 7, 24, 60, 100][seed % 5]
+        masks, boxes, scores, labels = random_detections(count, h, w, seed)
+        if seed % 2:
+            masks = np.ones_like(masks)
+        detections = Detections(boxes, scores, labels, class_names=CLASS_NAMES,
+                                mask_crops=paste_mask_crops(masks, boxes, (h, w)))
+        for background in (0, 255, 77):
+            image = np.full((h, w, 3), background, np.uint8)
+            drawing = BandDrawing(image, image.copy(), detections, 0.45, True, 1)
+            drawing.trace(0)
+            for operation in range(2 * count):
+                drawing.canvas = image.copy()
+                drawing.run(operation)
+                ys, xs = np.nonzero((drawing.canvas != image).any(axis=2))
+                if len(ys):
+                    x0, y0, x1, y1 = drawing.footprints[operation].tolist()
+                    margin = min(xs.min() - x0, ys.min() - y0, x1 - 1 - xs.max(), y1 - 1 - ys.max())
+                    kind = "blend" if operation < count else "drawing"
+                    smallest_margin[kind] = min(smallest_margin[kind], int(margin))
+    assert smallest_margin["blend"] == 0  # a blend fills its window when the mask does
+    assert smallest_margin["drawing"] >= 2
+
+
+def test_threads_below_one_are_refused():
+    masks, boxes, scores, labels = random_detections(3, 40, 50, 0)
+    detections = Detections(boxes, scores, labels, class_names=CLASS_NAMES,
+                            mask_crops=paste_mask_crops(masks, boxes, (40, 50)))
+    with pytest.raises(ValueError, match="at least 1"):
+        draw_detections(np.zeros((40, 50, 3), np.uint8), detections, threads=0)
