@@ -12,6 +12,9 @@ thread's CPU time, which a loaded machine disturbs less):
   the same detections every frame, so every label is remembered (pasted);
 - crops, new labels: the same with the remembered labels forgotten before each frame (every
   label drawn: a video whose scores all change every frame);
+- crops, N threads (``--draw-threads``, default 2): the same with ``draw_detections(threads=N)``
+  (bands of detections drawn at once; the same pixels, asserted), wall time and the process's CPU
+  time (all its threads);
 - full frame (before 2026-11-27): the full-frame paste and drawing kept in
   tests/test_runtime_crops.py as the reference (``paste_masks_full_frame``,
   ``draw_detections_full_frame``).
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="an exported .onnx (its metadata is used)")
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--draw-threads", type=int, default=2, help="threads of the threaded drawing column")
     parser.add_argument("--opencv-threads", type=int, default=1,
                         help="cv2.setNumThreads for the run (default 1, as the video loop runs it; the thread CPU "
                              "times count only this thread's work)")
@@ -82,13 +86,21 @@ def main() -> None:
             full = Detections(detections.boxes, detections.scores, detections.labels, full_masks,
                               detections.class_names)
             assert np.array_equal(draw_detections(frame, detections), draw_detections_full_frame(frame, full))
-            times: dict[str, list[float]] = {"crops": [], "crops_cpu": [], "crops_new_labels": [], "full_frame": []}
+            assert np.array_equal(draw_detections(frame, detections, threads=args.draw_threads),
+                                  draw_detections(frame, detections))
+            times: dict[str, list[float]] = {"crops": [], "crops_cpu": [], "crops_threads": [], "crops_threads_cpu": [],
+                                             "crops_new_labels": [], "full_frame": []}
             for _ in range(args.repeat):  # interleaved: the paths see the same machine load
                 begin, begin_cpu = time.perf_counter(), time.thread_time()
                 detections = predictor.postprocess(outputs, placements)[0]
                 draw_detections(frame, detections)
                 times["crops"].append((time.perf_counter() - begin) * 1000)
                 times["crops_cpu"].append((time.thread_time() - begin_cpu) * 1000)
+                begin, begin_cpu = time.perf_counter(), time.process_time()
+                detections = predictor.postprocess(outputs, placements)[0]
+                draw_detections(frame, detections, threads=args.draw_threads)
+                times["crops_threads"].append((time.perf_counter() - begin) * 1000)
+                times["crops_threads_cpu"].append((time.process_time() - begin_cpu) * 1000)
                 draw._labels.clear()
                 begin = time.perf_counter()
                 detections = predictor.postprocess(outputs, placements)[0]
@@ -106,11 +118,13 @@ def main() -> None:
             rows.append(row)
             print(f"{width}x{height} {count:>3} detections: crops {row['crops_ms']['min']:6.2f} / "
                   f"{row['crops_ms']['median']:6.2f} ms (cpu {row['crops_cpu_ms']['min']:6.2f} / "
-                  f"{row['crops_cpu_ms']['median']:6.2f}), new labels {row['crops_new_labels_ms']['min']:6.2f} / "
+                  f"{row['crops_cpu_ms']['median']:6.2f}), {args.draw_threads} threads "
+                  f"{row['crops_threads_ms']['min']:6.2f} / {row['crops_threads_ms']['median']:6.2f} (cpu "
+                  f"{row['crops_threads_cpu_ms']['min']:6.2f} / {row['crops_threads_cpu_ms']['median']:6.2f}), new labels {row['crops_new_labels_ms']['min']:6.2f} / "
                   f"{row['crops_new_labels_ms']['median']:6.2f}, full frame {row['full_frame_ms']['min']:7.1f} / "
                   f"{row['full_frame_ms']['median']:7.1f} (min / median)", flush=True)
     if args.json:
-        figures = {"opencv_threads": cv2.getNumThreads(), "load_average": [load_at_start, os.getloadavg()[0]],
+        figures = {"opencv_threads": cv2.getNumThreads(), "draw_threads": args.draw_threads, "load_average": [load_at_start, os.getloadavg()[0]],
                    "rows": rows}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"load average {load_at_start:.1f} -> {os.getloadavg()[0]:.1f}, OpenCV threads {cv2.getNumThreads()}")

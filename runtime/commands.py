@@ -33,12 +33,14 @@ def describe(detections: Detections) -> str:
     return f"{len(parts)} detections" + (": " + ", ".join(parts[:8]) if parts else "") + (" ..." if len(parts) > 8 else "")
 
 
-def predictor_stages(predictor: Predictor, conf: float | None = None) -> FrameStages:
+def predictor_stages(predictor: Predictor, conf: float | None = None, draw_threads: int = 1) -> FrameStages:
     """The Predictor's stages for the pipelined loop: letterbox, graph, postprocess (boxes undone,
-    masks pasted as crops), drawing (overlay and a console line)."""
+    masks pasted as crops), drawing (overlay and a console line; ``draw_threads``: see
+    ``draw_detections``)."""
+    _check_draw_threads(draw_threads)
 
     def draw(frame: np.ndarray, detections: Detections) -> tuple[np.ndarray, str]:
-        return draw_detections(frame, detections), describe(detections)
+        return draw_detections(frame, detections, threads=draw_threads), describe(detections)
 
     return FrameStages(
         preprocess=lambda frame: predictor.preprocess([frame]),
@@ -47,15 +49,21 @@ def predictor_stages(predictor: Predictor, conf: float | None = None) -> FrameSt
         draw=draw)
 
 
-def remote_stages(remote) -> FrameStages:
+def remote_stages(remote, draw_threads: int = 1) -> FrameStages:
     """``maskrt infer --server``'s stages: the frame goes to Triton as it is (infer), the
     answer becomes Detections (postprocess); drawing as for a local model."""
+    _check_draw_threads(draw_threads)
 
     def draw(frame: np.ndarray, detections: Detections) -> tuple[np.ndarray, str]:
-        return draw_detections(frame, detections), describe(detections)
+        return draw_detections(frame, detections, threads=draw_threads), describe(detections)
 
     return FrameStages(preprocess=lambda frame: frame, infer=remote.request,
                        postprocess=lambda frame, prepared, outputs: remote.unpack(outputs, frame.shape[:2]), draw=draw)
+
+
+def _check_draw_threads(draw_threads: int) -> None:
+    if draw_threads < 1:
+        raise MaskrtError(f"--draw-threads must be at least 1, got {draw_threads}")
 
 
 def infer_command(args: argparse.Namespace) -> int:
@@ -69,11 +77,12 @@ def infer_command(args: argparse.Namespace) -> int:
             raise MaskrtError("--threads sets the engine's threads here; with --server the server runs the engine "
                               "(`maskrt serve --threads`)")
         from maskrt.runtime.backends.triton import TritonPredictor
-        stages = remote_stages(TritonPredictor(args.server, conf=args.conf))
+        stages = remote_stages(TritonPredictor(args.server, conf=args.conf), draw_threads=args.draw_threads)
     elif not args.model:
         raise MaskrtError("maskrt infer needs --model (or --server HOST:PORT of a Triton server)")
     else:
-        stages = predictor_stages(_predictor_from_args(args, args.conf))
+        _check_draw_threads(args.draw_threads)
+        stages = predictor_stages(_predictor_from_args(args, args.conf), draw_threads=args.draw_threads)
     if args.show:
         check_display()
     source = open_source(str(args.source))
@@ -258,7 +267,7 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
     rounds = []
     merged = {name: [] for name in ("decode", "preprocess", "inference", "postprocess", "draw", "encode")}
     detections_seen: list[int] = []
-    stages = predictor_stages(predictor, conf=args.conf)
+    stages = predictor_stages(predictor, conf=args.conf, draw_threads=args.draw_threads)
     if not args.draw:  # no overlay, no encoding: the loop's own stages only
         stages = FrameStages(stages.preprocess, stages.infer, stages.postprocess,
                              lambda frame, detections: (frame, describe(detections)))
@@ -286,7 +295,7 @@ def bench_source_command(args: argparse.Namespace, predictor: Predictor) -> int:
         "detections_per_frame": float(np.mean(detections_seen)) if detections_seen else 0.0,
         "opencv_threads_in_loop": 1, "machine": machine_description(load_at_start),
         # null: ONNX Runtime's default (one per physical core); the engine alone and the loop use the same
-        "engine_threads": engine_threads(predictor),
+        "engine_threads": engine_threads(predictor), "draw_threads": args.draw_threads,
         "providers": getattr(predictor.backend, "providers", None),
         "stages_ms": {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
                       for name, v in merged.items() if v},
@@ -354,6 +363,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if getattr(args, "source", None) is not None:
         if args.rounds <= 0:
             raise MaskrtError(f"--rounds must be positive, got {args.rounds}")
+        _check_draw_threads(args.draw_threads)
         return bench_source_command(args, _predictor_from_args(args, conf=args.conf))
     if getattr(args, "draw", False):
         raise MaskrtError("--draw needs --source (the overlay is drawn on the source's frames)")

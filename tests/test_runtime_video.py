@@ -362,6 +362,14 @@ def test_threads_set_the_engines_intra_op_threads_for_infer_and_bench(tmp_path, 
                      "--json", str(report)] + threads) == 0
         assert json.loads(report.read_text())["engine_threads"] == expected
     assert opened == [1, 1, 0]  # 0: ONNX Runtime's default, reported as null
+    # --draw-threads: the overlays drawn in bands (the same pixels, tests/test_runtime_crops.py).
+    out = tmp_path / "overlay.avi"
+    assert main(["infer", "--model", str(fake_model), "--source", str(video), "--draw-threads", "2",
+                 "--max-frames", "3", "--conf", "0.2", "--save", str(out)]) == 0
+    assert _count_frames(out) == 3
+    assert main(["bench", "--model", str(fake_model), "--source", str(image), "--iters", "2", "--rounds", "1",
+                 "--draw", "--draw-threads", "2", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["draw_threads"] == 2
     capsys.readouterr()
 
 
@@ -374,6 +382,8 @@ def test_bad_threads_are_one_line_errors(tmp_path, fake_model, capsys):
         (["bench", "--model", str(fake_model), "--threads", "0"], "threads must be at least 1"),
         (["infer", "--model", str(engine), "--source", "0", "--threads", "1"], "ONNX Runtime models only"),
         (["infer", "--server", "host:8001", "--source", "0", "--threads", "1"], "maskrt serve --threads"),
+        (["infer", "--model", str(fake_model), "--source", "0", "--draw-threads", "0"], "--draw-threads must be at"),
+        (["bench", "--model", str(fake_model), "--source", "0", "--draw-threads", "0"], "--draw-threads must be at"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
