@@ -135,12 +135,12 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    canvas = bgr.copy()
     count = len(detections)
+    if threads > 1 and count > 1:  # the canvas is copied in strips by the threads
+        return draw_detections_in_bands(bgr, np.empty(bgr.shape, bgr.dtype), detections, alpha, show_boxes, min(threads, count))
+    canvas = bgr.copy()
     if count == 0:
         return canvas
-    if threads > 1 and count > 1:
-        return draw_detections_in_bands(bgr, canvas, detections, alpha, show_boxes, min(threads, count))
     crops = detections.mask_crops
     order = np.argsort(detections.scores, kind="stable").tolist()  # low scores first
     labels = detections.labels.tolist()
@@ -211,12 +211,13 @@ class BandDrawing:
     """``draw_detections``' operations, dealt to ``threads`` threads so that they may run at once
     with the one-thread pixels (``draw_detections_in_bands`` runs them).
 
-    The drawing is a sequence of operations: each detection's blend, lowest score first (0 to
-    N-1), then each detection's contours, box and label, lowest score first (N to 2N-1). Each
-    operation has a footprint (x0, y0, x1, y1) holding every pixel it may write: the blend, the
-    mask's window; the rest, the window and box grown by how far anti-aliased lines reach
-    (``CONTOUR_REACH``, ``BOX_REACH``), and the label's box. Detections are dealt to the threads
-    by the height of their footprints' centres (horizontal bands, equal counts); a thread runs
+    The drawing is a sequence of operations: copying ``bgr`` to the canvas in T horizontal
+    strips, one per thread (0 to T-1), each detection's blend, lowest score first (T to T+N-1),
+    then each detection's contours, box and label, lowest score first (T+N to T+2N-1). Each
+    operation has a footprint (x0, y0, x1, y1) holding every pixel it may write: a strip, its
+    rows; a blend, the mask's window; the rest, the window and box grown by how far anti-aliased
+    lines reach (``CONTOUR_REACH``, ``BOX_REACH``), and the label's box. Detections are dealt to
+    the threads by the height of their footprints' centres (horizontal bands, equal counts); a thread runs
     its operations in sequence order, and operation k must wait until operation
     ``waits[k][t]`` of each other thread t is done: the last earlier one whose footprint overlaps
     k's. Operations whose footprints do not overlap touch different pixels, so their order does
@@ -238,24 +239,29 @@ class BandDrawing:
         self.texts = [f"{names[i]} {scores[i]:.2f}" for i in range(count)]
         self.label_scale = max(0.4, min(1.0, height / 900))
         self.label_lift = int(22 * self.label_scale)
-        footprints = np.empty((2 * count, 4), np.int64)
+        self.first_blend, self.first_drawing = threads, threads + count
+        operations = threads + 2 * count
+        footprints = np.empty((operations, 4), np.int64)
+        self.strips = [(t * height // threads, (t + 1) * height // threads) for t in range(threads)]
+        for t, (top, bottom) in enumerate(self.strips):
+            footprints[t] = (0, top, width, bottom)
         for slot, i in enumerate(self.order):
-            footprints[slot] = self.windows[i]
-            footprints[count + slot] = self.drawing_footprint(i, (height, width))
+            footprints[self.first_blend + slot] = self.windows[i]
+            footprints[self.first_drawing + slot] = self.drawing_footprint(i, (height, width))
         self.footprints = footprints
         # Bands: detections by the height of their drawing footprint's centre, equal counts.
-        centres = footprints[count:, 1] + footprints[count:, 3]
+        centres = footprints[self.first_drawing:, 1] + footprints[self.first_drawing:, 3]
         band_of_slot = np.empty(count, np.int64)
         band_of_slot[np.argsort(centres, kind="stable")] = np.arange(count) * threads // count
-        self.thread_of_op = np.concatenate([band_of_slot, band_of_slot])
+        self.thread_of_op = np.concatenate([np.arange(threads), band_of_slot, band_of_slot])
         left, top, right, bottom = footprints.T
         overlap = ((left[:, None] < right[None, :]) & (left[None, :] < right[:, None])
                    & (top[:, None] < bottom[None, :]) & (top[None, :] < bottom[:, None]))
-        overlap &= np.tri(2 * count, k=-1, dtype=bool)  # [k, j]: j < k
-        earlier = np.where(overlap, np.arange(2 * count)[None, :], -1)
+        overlap &= np.tri(operations, k=-1, dtype=bool)  # [k, j]: j < k
+        earlier = np.where(overlap, np.arange(operations)[None, :], -1)
         waits = np.stack([np.where(self.thread_of_op[None, :] == t, earlier, -1).max(axis=1)
                           for t in range(threads)], 1)
-        waits[np.arange(2 * count), self.thread_of_op] = -1  # a thread's own earlier operations are done
+        waits[np.arange(operations), self.thread_of_op] = -1  # a thread's own earlier operations are done
         self.awaited = set(waits[waits >= 0].tolist())
         self.waits = waits.tolist()
         # One colour plane per colour, as large as that colour's largest window (a blend's
@@ -288,8 +294,8 @@ class BandDrawing:
     def trace(self, thread: int) -> None:
         """Trace the contours of ``thread``'s detections (each on its crop, with its offset)."""
         for k in self.operations(thread):
-            if k < self.count:
-                i = self.order[k]
+            if self.first_blend <= k < self.first_drawing:
+                i = self.order[k - self.first_blend]
                 mask = np.ascontiguousarray(self.crops[i], dtype=bool).view(np.uint8)
                 self.masks_u8[i] = mask
                 self.contours[i] = (cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
@@ -297,9 +303,14 @@ class BandDrawing:
 
     def run(self, k: int) -> None:
         """Operation k on the canvas (its thread has traced its contours)."""
-        i = self.order[k % self.count]
-        contours, color, canvas = self.contours[i], self.colors[i], self.canvas
-        if k < self.count:
+        canvas = self.canvas
+        if k < self.first_blend:
+            top, bottom = self.strips[k]
+            canvas[top:bottom] = self.bgr[top:bottom]
+            return
+        i = self.order[(k - self.first_blend) % self.count]
+        contours, color = self.contours[i], self.colors[i]
+        if k < self.first_drawing:
             if contours:
                 x0, y0, w, h = cv2.boundingRect(np.concatenate(contours))
                 x1, y1 = x0 + w, y0 + h
@@ -320,8 +331,8 @@ def draw_detections_in_bands(bgr: np.ndarray, canvas: np.ndarray, detections: De
                              show_boxes: bool, threads: int) -> np.ndarray:
     """``draw_detections`` in ``threads`` threads (``BandDrawing``), pixel for pixel
     (tests/test_runtime_crops.py compares, on random detections many of which cross from one
-    band into another, in the threads and in adversarial orders); draws on ``canvas`` (a copy of
-    ``bgr``) and returns it. OpenCV releases the GIL while it draws, so the threads run at once."""
+    band into another, in the threads and in adversarial orders); copies ``bgr`` into ``canvas``
+    (same shape and type), draws on it and returns it. OpenCV releases the GIL while it draws, so the threads run at once."""
     drawing = BandDrawing(bgr, canvas, detections, alpha, show_boxes, threads)
     done = [-1] * threads  # the last operation each thread finished
     progress = threading.Condition()

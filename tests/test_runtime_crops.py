@@ -313,7 +313,7 @@ def _draw_in_order(image: np.ndarray, detections: Detections, threads: int, rng:
     as far ahead of the bands above it as it may) or, with ``rng``, a random one."""
     from maskrt.runtime.draw import BandDrawing
 
-    canvas = image.copy()
+    canvas = np.zeros_like(image)  # the strips' copies fill it
     drawing = BandDrawing(image, canvas, detections, alpha, show_boxes, threads)
     queues = [drawing.operations(thread) for thread in range(threads)]
     for thread in range(threads):
@@ -376,14 +376,14 @@ def test_band_footprints_hold_every_pixel_an_operation_writes():
             image = np.full((h, w, 3), background, np.uint8)
             drawing = BandDrawing(image, image.copy(), detections, 0.45, True, 1)
             drawing.trace(0)
-            for operation in range(2 * count):
+            for operation in range(1, 1 + 2 * count):  # 0: copying the image (one thread, one strip)
                 drawing.canvas = image.copy()
                 drawing.run(operation)
                 ys, xs = np.nonzero((drawing.canvas != image).any(axis=2))
                 if len(ys):
                     x0, y0, x1, y1 = drawing.footprints[operation].tolist()
                     margin = min(xs.min() - x0, ys.min() - y0, x1 - 1 - xs.max(), y1 - 1 - ys.max())
-                    kind = "blend" if operation < count else "drawing"
+                    kind = "blend" if operation <= count else "drawing"
                     smallest_margin[kind] = min(smallest_margin[kind], int(margin))
     assert smallest_margin["blend"] == 0  # a blend fills its window when the mask does
     assert smallest_margin["drawing"] >= 2
