@@ -15,6 +15,10 @@ thread's CPU time, which a loaded machine disturbs less):
 - crops, N threads (``--draw-threads``, default 2): the same with ``draw_detections(threads=N)``
   (bands of detections drawn at once; the same pixels, asserted), wall time and the process's CPU
   time (all its threads);
+- threaded drawing's critical path: each ``BandDrawing`` operation (and each thread's contour
+  tracing) timed alone on this thread (CPU time), then the schedule the threads' waits allow
+  replayed on those times: the wall time of postprocess + threaded drawing with a free core per
+  thread, which a machine without free cores cannot show by the clock;
 - full frame (before 2026-11-27): the full-frame paste and drawing kept in
   tests/test_runtime_crops.py as the reference (``paste_masks_full_frame``,
   ``draw_detections_full_frame``).
@@ -62,6 +66,32 @@ def synthetic_outputs(count: int, content_size: tuple[int, int], seed: int) -> d
             "labels": rng.integers(1, 4, count).astype(np.int32)[None], "masks": masks[None]}
 
 
+def critical_path_ms(frame: np.ndarray, detections: Detections, threads: int) -> tuple[float, float]:
+    """(CPU ms of all the threaded drawing's work, ms of its critical path): the setup, each
+    thread's tracing and each operation timed by the thread's CPU clock, then the threads'
+    schedule replayed (an operation starts when its thread's previous one and the ones it waits
+    for are done)."""
+    begin = time.thread_time()
+    drawing = draw.BandDrawing(frame, np.empty_like(frame), detections, 0.45, True, threads)
+    setup = time.thread_time() - begin
+    clock = np.zeros(threads)
+    for thread in range(threads):
+        begin = time.thread_time()
+        drawing.trace(thread)
+        clock[thread] = time.thread_time() - begin
+    work = setup + clock.sum()
+    finish = np.zeros(len(drawing.footprints))
+    for k in range(len(drawing.footprints)):  # the sequence order respects every wait
+        begin = time.thread_time()
+        drawing.run(k)
+        spent = time.thread_time() - begin
+        thread = drawing.thread_of_op[k]
+        finish[k] = max([clock[thread]] + [finish[j] for j in drawing.waits[k] if j >= 0]) + spent
+        clock[thread] = finish[k]
+        work += spent
+    return work * 1000, (setup + clock.max()) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="an exported .onnx (its metadata is used)")
@@ -89,7 +119,8 @@ def main() -> None:
             assert np.array_equal(draw_detections(frame, detections, threads=args.draw_threads),
                                   draw_detections(frame, detections))
             times: dict[str, list[float]] = {"crops": [], "crops_cpu": [], "crops_threads": [], "crops_threads_cpu": [],
-                                             "crops_new_labels": [], "full_frame": []}
+                                             "crops_threads_critical_path": [], "crops_new_labels": [],
+                                             "full_frame": []}
             for _ in range(args.repeat):  # interleaved: the paths see the same machine load
                 begin, begin_cpu = time.perf_counter(), time.thread_time()
                 detections = predictor.postprocess(outputs, placements)[0]
@@ -101,6 +132,11 @@ def main() -> None:
                 draw_detections(frame, detections, threads=args.draw_threads)
                 times["crops_threads"].append((time.perf_counter() - begin) * 1000)
                 times["crops_threads_cpu"].append((time.process_time() - begin_cpu) * 1000)
+                begin_cpu = time.thread_time()
+                detections = predictor.postprocess(outputs, placements)[0]
+                postprocess_ms = (time.thread_time() - begin_cpu) * 1000
+                times["crops_threads_critical_path"].append(
+                    postprocess_ms + critical_path_ms(frame, detections, args.draw_threads)[1])
                 draw._labels.clear()
                 begin = time.perf_counter()
                 detections = predictor.postprocess(outputs, placements)[0]
@@ -120,7 +156,9 @@ def main() -> None:
                   f"{row['crops_ms']['median']:6.2f} ms (cpu {row['crops_cpu_ms']['min']:6.2f} / "
                   f"{row['crops_cpu_ms']['median']:6.2f}), {args.draw_threads} threads "
                   f"{row['crops_threads_ms']['min']:6.2f} / {row['crops_threads_ms']['median']:6.2f} (cpu "
-                  f"{row['crops_threads_cpu_ms']['min']:6.2f} / {row['crops_threads_cpu_ms']['median']:6.2f}), new labels {row['crops_new_labels_ms']['min']:6.2f} / "
+                  f"{row['crops_threads_cpu_ms']['min']:6.2f} / {row['crops_threads_cpu_ms']['median']:6.2f}, critical "
+                  f"path {row['crops_threads_critical_path_ms']['min']:6.2f} / "
+                  f"{row['crops_threads_critical_path_ms']['median']:6.2f}), new labels {row['crops_new_labels_ms']['min']:6.2f} / "
                   f"{row['crops_new_labels_ms']['median']:6.2f}, full frame {row['full_frame_ms']['min']:7.1f} / "
                   f"{row['full_frame_ms']['median']:7.1f} (min / median)", flush=True)
     if args.json:
