@@ -56,7 +56,8 @@ _labels: collections.OrderedDict[tuple[str, tuple[int, int, int], float], np.nda
 _labels_lock = threading.Lock()
 
 
-def label_box(text: str, origin: tuple[int, int], scale: float, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def label_box(text: str, origin: tuple[int, int], scale: float,
+              image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1), x1/y1 exclusive: the filled box ``draw_label`` draws for ``text`` at
     ``origin`` in an image of ``image_size`` (h, w); the text stays inside it. It may pass the
     image's right or bottom edge when the label is larger than the image."""
@@ -137,7 +138,8 @@ def draw_detections(bgr: np.ndarray, detections: Detections, alpha: float = 0.45
         raise ValueError(f"threads must be at least 1, got {threads}")
     count = len(detections)
     if threads > 1 and count > 1:  # the canvas is copied in strips by the threads
-        return draw_detections_in_bands(bgr, np.empty(bgr.shape, bgr.dtype), detections, alpha, show_boxes, min(threads, count))
+        return draw_detections_in_bands(bgr, np.empty(bgr.shape, bgr.dtype), detections, alpha, show_boxes,
+                                        min(threads, count))
     canvas = bgr.copy()
     if count == 0:
         return canvas
@@ -217,8 +219,8 @@ class BandDrawing:
     operation has a footprint (x0, y0, x1, y1) holding every pixel it may write: a strip, its
     rows; a blend, the mask's window; the rest, the window and box grown by how far anti-aliased
     lines reach (``CONTOUR_REACH``, ``BOX_REACH``), and the label's box. Detections are dealt to
-    the threads by the height of their footprints' centres (horizontal bands, equal counts); a thread runs
-    its operations in sequence order, and operation k must wait until operation
+    the threads by the height of their footprints' centres (horizontal bands, equal counts); a
+    thread runs its operations in sequence order, and operation k must wait until operation
     ``waits[k][t]`` of each other thread t is done: the last earlier one whose footprint overlaps
     k's. Operations whose footprints do not overlap touch different pixels, so their order does
     not matter; those that do keep the one-thread order."""
@@ -332,7 +334,8 @@ def draw_detections_in_bands(bgr: np.ndarray, canvas: np.ndarray, detections: De
     """``draw_detections`` in ``threads`` threads (``BandDrawing``), pixel for pixel
     (tests/test_runtime_crops.py compares, on random detections many of which cross from one
     band into another, in the threads and in adversarial orders); copies ``bgr`` into ``canvas``
-    (same shape and type), draws on it and returns it. OpenCV releases the GIL while it draws, so the threads run at once."""
+    (same shape and type), draws on it and returns it. OpenCV releases the GIL while it draws,
+    so the threads run at once."""
     drawing = BandDrawing(bgr, canvas, detections, alpha, show_boxes, threads)
     done = [-1] * threads  # the last operation each thread finished
     progress = threading.Condition()
