@@ -395,3 +395,29 @@ def test_threads_below_one_are_refused():
                             mask_crops=paste_mask_crops(masks, boxes, (40, 50)))
     with pytest.raises(ValueError, match="at least 1"):
         draw_detections(np.zeros((40, 50, 3), np.uint8), detections, threads=0)
+
+
+def test_an_error_in_a_drawing_thread_is_raised_in_the_caller(monkeypatch):
+    """An operation that fails in any thread stops the others (none waits forever) and the error
+    reaches the caller."""
+    import threading
+
+    from maskrt.runtime.draw import BandDrawing
+
+    masks, boxes, scores, labels = random_detections(40, 240, 320, 7)
+    detections = Detections(boxes, scores, labels, class_names=CLASS_NAMES,
+                            mask_crops=paste_mask_crops(masks, boxes, (240, 320)))
+    run = BandDrawing.run
+    for failing_thread in (0, 1):
+        def failing_run(self, k, failing_thread=failing_thread):
+            if self.thread_of_op[k] == failing_thread and k >= self.first_drawing:
+                raise RuntimeError(f"operation {k} failed")
+            run(self, k)
+
+        monkeypatch.setattr(BandDrawing, "run", failing_run)
+        result = {}
+        caller = threading.Thread(target=lambda: result.update(error=pytest.raises(
+            RuntimeError, draw_detections, np.zeros((240, 320, 3), np.uint8), detections, threads=2)))
+        caller.start()
+        caller.join(timeout=30)
+        assert not caller.is_alive() and "failed" in str(result["error"].value)
