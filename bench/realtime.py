@@ -12,13 +12,14 @@ thread's CPU time, which a loaded machine disturbs less):
   the same detections every frame, so every label is remembered (pasted);
 - crops, new labels: the same with the remembered labels forgotten before each frame (every
   label drawn: a video whose scores all change every frame);
-- crops, N threads (``--draw-threads``, default 2): the same with ``draw_detections(threads=N)``
-  (bands of detections drawn at once; the same pixels, asserted), wall time and the process's CPU
-  time (all its threads);
-- threaded drawing's critical path: each ``BandDrawing`` operation (and each thread's contour
-  tracing) timed alone on this thread (CPU time), then the schedule the threads' waits allow
-  replayed on those times: the wall time of postprocess + threaded drawing with a free core per
-  thread, which a machine without free cores cannot show by the clock;
+- crops, N threads (``--draw-threads``, default 2): the same with ``postprocess(threads=N)`` and
+  ``draw_detections(threads=N)`` (masks pasted and bands of detections drawn at once; the same
+  pixels, asserted), wall time and the process's CPU time (all its threads);
+- their critical path: each thread's share of the paste, and each ``BandDrawing`` operation
+  (and each thread's contour tracing), timed alone on this thread (CPU time), then the schedule
+  the threads' waits allow replayed on those times: the wall time of the threaded postprocess +
+  drawing with a free core per thread, which a machine without free cores cannot show by the
+  clock;
 - full frame (before 2026-11-27): the full-frame paste and drawing kept in
   tests/test_runtime_crops.py as the reference (``paste_masks_full_frame``,
   ``draw_detections_full_frame``).
@@ -42,6 +43,7 @@ from test_runtime_crops import draw_detections_full_frame, paste_masks_full_fram
 
 from maskrt.runtime import Predictor, draw, draw_detections  # noqa: E402
 from maskrt.runtime.commands import synthetic_shapes_image  # noqa: E402
+from maskrt.runtime.postprocess import paste_mask_crops  # noqa: E402
 from maskrt.runtime.predictor import Detections  # noqa: E402
 
 
@@ -92,6 +94,24 @@ def critical_path_ms(frame: np.ndarray, detections: Detections, threads: int) ->
     return work * 1000, (setup + clock.max()) * 1000
 
 
+def postprocess_critical_path_ms(predictor: Predictor, outputs: dict[str, np.ndarray], placements: list,
+                                 threads: int) -> float:
+    """Postprocess with its paste in ``threads`` threads, with a free core per thread: the whole
+    postprocess on this thread, less its paste, plus the slowest thread's share of the paste
+    (each share pasted alone, thread CPU ms)."""
+    begin = time.thread_time()
+    detections = predictor.postprocess(outputs, placements)[0]
+    whole = time.thread_time() - begin
+    masks = np.asarray(outputs["masks"][0, :len(detections)], np.float32)
+    shares = []
+    for start in range(threads):
+        share = np.arange(start, len(detections), threads)
+        begin = time.thread_time()
+        paste_mask_crops(masks[share], detections.boxes[share], detections.mask_crops.image_size)
+        shares.append(time.thread_time() - begin)
+    return (whole - sum(shares) + max(shares)) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="an exported .onnx (its metadata is used)")
@@ -128,15 +148,13 @@ def main() -> None:
                 times["crops"].append((time.perf_counter() - begin) * 1000)
                 times["crops_cpu"].append((time.thread_time() - begin_cpu) * 1000)
                 begin, begin_cpu = time.perf_counter(), time.process_time()
-                detections = predictor.postprocess(outputs, placements)[0]
+                detections = predictor.postprocess(outputs, placements, threads=args.draw_threads)[0]
                 draw_detections(frame, detections, threads=args.draw_threads)
                 times["crops_threads"].append((time.perf_counter() - begin) * 1000)
                 times["crops_threads_cpu"].append((time.process_time() - begin_cpu) * 1000)
-                begin_cpu = time.thread_time()
-                detections = predictor.postprocess(outputs, placements)[0]
-                postprocess_ms = (time.thread_time() - begin_cpu) * 1000
                 times["crops_threads_critical_path"].append(
-                    postprocess_ms + critical_path_ms(frame, detections, args.draw_threads)[1])
+                    postprocess_critical_path_ms(predictor, outputs, placements, args.draw_threads)
+                    + critical_path_ms(frame, predictor.postprocess(outputs, placements)[0], args.draw_threads)[1])
                 draw._labels.clear()
                 begin = time.perf_counter()
                 detections = predictor.postprocess(outputs, placements)[0]
@@ -162,7 +180,8 @@ def main() -> None:
                   f"{row['crops_new_labels_ms']['median']:6.2f}, full frame {row['full_frame_ms']['min']:7.1f} / "
                   f"{row['full_frame_ms']['median']:7.1f} (min / median)", flush=True)
     if args.json:
-        figures = {"opencv_threads": cv2.getNumThreads(), "draw_threads": args.draw_threads, "load_average": [load_at_start, os.getloadavg()[0]],
+        figures = {"opencv_threads": cv2.getNumThreads(), "draw_threads": args.draw_threads,
+                   "load_average": [load_at_start, os.getloadavg()[0]],
                    "rows": rows}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"load average {load_at_start:.1f} -> {os.getloadavg()[0]:.1f}, OpenCV threads {cv2.getNumThreads()}")

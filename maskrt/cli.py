@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime intra-op threads (default: one per core); on a CPU the loop's decoding, "
                      "drawing and encoding share the cores with them (docs/runtime.md)")
     inf.add_argument("--draw-threads", type=int, default=1,
-                     help="threads that draw each overlay (default 1); more help only where cores are idle, "
-                     "e.g. beside a GPU engine; the pixels are the same")
+                     help="threads that paste each frame's masks and draw its overlay (default 1); more help only "
+                     "where cores are idle, e.g. beside a GPU engine; the pixels are the same")
     inf.set_defaults(handler=_infer)
 
     # bench
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime intra-op threads (default: one per core), for the engine alone and the loop "
                     "alike")
     be.add_argument("--draw-threads", type=int, default=1,
-                    help="with --source --draw: threads that draw each overlay (default 1), as `infer --draw-threads`")
+                    help="with --source: threads that paste each frame's masks and draw its overlay (default 1), "
+                    "as `infer --draw-threads`")
     be.set_defaults(handler=_bench)
 
     # doctor

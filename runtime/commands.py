@@ -35,8 +35,8 @@ def describe(detections: Detections) -> str:
 
 def predictor_stages(predictor: Predictor, conf: float | None = None, draw_threads: int = 1) -> FrameStages:
     """The Predictor's stages for the pipelined loop: letterbox, graph, postprocess (boxes undone,
-    masks pasted as crops), drawing (overlay and a console line; ``draw_threads``: see
-    ``draw_detections``)."""
+    masks pasted as crops), drawing (overlay and a console line). ``draw_threads``: threads that
+    paste each frame's masks and draw its overlay (``paste_mask_crops``, ``draw_detections``)."""
     _check_draw_threads(draw_threads)
 
     def draw(frame: np.ndarray, detections: Detections) -> tuple[np.ndarray, str]:
@@ -45,7 +45,8 @@ def predictor_stages(predictor: Predictor, conf: float | None = None, draw_threa
     return FrameStages(
         preprocess=lambda frame: predictor.preprocess([frame]),
         infer=lambda prepared: predictor.infer(prepared[0]),
-        postprocess=lambda frame, prepared, outputs: predictor.postprocess(outputs, prepared[1], conf=conf)[0],
+        postprocess=lambda frame, prepared, outputs: predictor.postprocess(outputs, prepared[1], conf=conf,
+                                                                           threads=draw_threads)[0],
         draw=draw)
 
 

@@ -7,7 +7,6 @@ class (a golden-ratio walk round the hue circle) so a class keeps its colour acr
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import functools
 import threading
 from typing import Sequence
@@ -16,6 +15,7 @@ import cv2
 import numpy as np
 
 from maskrt.runtime.predictor import Detections
+from maskrt.runtime.workers import worker_pool
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -194,21 +194,6 @@ CONTOUR_REACH = 4
 BOX_REACH = 3
 LABEL_REACH = 2
 
-_band_pool: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
-_band_pool_lock = threading.Lock()
-
-
-def _band_workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A kept pool of at least ``count`` threads (starting threads per frame would cost more)."""
-    global _band_pool
-    with _band_pool_lock:
-        if _band_pool is None or _band_pool[1] < count:
-            if _band_pool is not None:
-                _band_pool[0].shutdown(wait=False)
-            _band_pool = (concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="maskrt-draw"), count)
-        return _band_pool[0]
-
-
 class BandDrawing:
     """``draw_detections``' operations, dealt to ``threads`` threads so that they may run at once
     with the one-thread pixels (``draw_detections_in_bands`` runs them).
@@ -364,7 +349,7 @@ def draw_detections_in_bands(bgr: np.ndarray, canvas: np.ndarray, detections: De
                 failures.append(err)
                 progress.notify_all()
 
-    futures = [_band_workers(threads - 1).submit(work, thread) for thread in range(1, threads)]
+    futures = [worker_pool(threads - 1).submit(work, thread) for thread in range(1, threads)]
     work(0)
     for future in futures:
         future.result()

@@ -28,6 +28,7 @@ import numpy as np
 from maskrt.errors import MaskrtError
 from maskrt.runtime.masks import MaskCrops
 from maskrt.runtime.preprocess import Letterbox
+from maskrt.runtime.workers import worker_pool
 
 MASK_THRESHOLD = 0.5  # conventions: runtime masks are bool at probability > 0.5
 PASTE_RULES = ("torchvision", "detectron2")
@@ -114,9 +115,12 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int
 
 
 def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                     threshold: float | None = MASK_THRESHOLD, padding: int = 1, rule: str = "torchvision") -> MaskCrops:
+                     threshold: float | None = MASK_THRESHOLD, padding: int = 1, rule: str = "torchvision",
+                     threads: int = 1) -> MaskCrops:
     """A paste rule into each box's window only. rule "torchvision" (as ``paste_masks``, the
     module docstring's first rule) or "detectron2" (``detectron2_mask_crops``; ``padding`` unused).
+    ``threads`` > 1: detections i, i + threads, ... pasted in thread i (each mask alone, so the
+    same crops; cv2.resize and NumPy release the GIL).
 
     masks: float [N,M,M] probabilities for each box's class; boxes: [N,4] xyxy in the image's
     pixels; image_size: (h, w). Crop i is the expanded integer box clipped to the image, bool
@@ -124,6 +128,11 @@ def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int
     window lies outside the image gets a 0x0 crop. ``paste_mask_crops(...).full()`` equals the
     full-frame paste it replaced exactly (tests/test_runtime_crops.py keeps that as reference).
     """
+    if threads < 1:
+        raise MaskrtError(f"threads must be at least 1, got {threads}")
+    if threads > 1 and len(masks) > 1:
+        return _paste_mask_crops_in_threads(masks, boxes, image_size, threshold, padding, rule,
+                                            min(threads, len(masks)))
     if rule == "detectron2":
         return detectron2_mask_crops(masks, boxes, image_size, threshold)
     if rule != "torchvision":
@@ -153,3 +162,24 @@ def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int
         crops.append(np.ascontiguousarray(window) if threshold is None else window > threshold)
         origins[i] = x0_img, y0_img
     return MaskCrops(tuple(crops), origins, (int(h), int(w)))
+
+
+def _paste_mask_crops_in_threads(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                                 threshold: float | None, padding: int, rule: str, threads: int) -> MaskCrops:
+    """``paste_mask_crops`` with detections i, i + threads, ... pasted by thread i (the caller is
+    thread 0), put back in their order."""
+    count = len(masks)
+    shares = [np.arange(start, count, threads) for start in range(threads)]
+
+    def paste(share: np.ndarray) -> MaskCrops:
+        return paste_mask_crops(masks[share], boxes[share], image_size, threshold, padding, rule)
+
+    futures = [worker_pool(threads - 1).submit(paste, share) for share in shares[1:]]
+    pasted = [paste(shares[0])] + [future.result() for future in futures]
+    crops: list[np.ndarray] = [np.zeros((0, 0), bool)] * count
+    origins = np.zeros((count, 2), np.int64)
+    for share, part in zip(shares, pasted):
+        for index, crop in zip(share.tolist(), part.crops):
+            crops[index] = crop
+        origins[share] = part.origins
+    return MaskCrops(tuple(crops), origins, part.image_size)

@@ -174,10 +174,11 @@ class Predictor:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Letterbox],
-                    conf: float | None = None) -> list[Detections]:
+                    conf: float | None = None, threads: int = 1) -> list[Detections]:
         """Graph outputs -> Detections per image: keep num_dets and score >= conf, undo the
         letterbox on the boxes, paste the masks in the original image (as crops: each box's
-        window only; ``Detections.masks`` builds full frames on demand)."""
+        window only; ``Detections.masks`` builds full frames on demand). ``threads``: threads
+        pasting each image's masks (``paste_mask_crops``; the same crops)."""
         threshold = self.conf if conf is None else float(conf)
         results = []
         for i, placed in enumerate(placements):
@@ -186,7 +187,7 @@ class Predictor:
             keep = np.flatnonzero(scores >= threshold)
             boxes = undo_letterbox_boxes(np.asarray(outputs["boxes"][i, keep]), placed)
             crops = paste_mask_crops(np.asarray(outputs["masks"][i, keep], dtype=np.float32), boxes, placed.orig_size,
-                                     rule=self.info.paste_rule)
+                                     rule=self.info.paste_rule, threads=threads)
             results.append(Detections(
                 boxes=boxes,
                 scores=scores[keep],

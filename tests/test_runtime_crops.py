@@ -421,3 +421,19 @@ def test_an_error_in_a_drawing_thread_is_raised_in_the_caller(monkeypatch):
         caller.start()
         caller.join(timeout=30)
         assert not caller.is_alive() and "failed" in str(result["error"].value)
+
+
+@pytest.mark.parametrize("rule", ["torchvision", "detectron2"])
+def test_pasting_in_threads_gives_the_one_thread_crops(rule):
+    masks, boxes, _, _ = random_detections(60, 240, 320, 8)
+    expected = paste_mask_crops(masks, boxes, (240, 320), rule=rule)
+    for threads in (2, 3, 7, 100):
+        for threshold in (MASK_THRESHOLD, None):
+            ours = paste_mask_crops(masks, boxes, (240, 320), threshold=threshold, rule=rule, threads=threads)
+            reference = expected if threshold is not None else paste_mask_crops(masks, boxes, (240, 320),
+                                                                                threshold=None, rule=rule)
+            assert ours.image_size == reference.image_size and np.array_equal(ours.origins, reference.origins)
+            assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(ours.crops, reference.crops))
+            assert len(ours.crops) == 60
+    with pytest.raises(MaskrtError, match="at least 1"):
+        paste_mask_crops(masks, boxes, (240, 320), threads=0)
