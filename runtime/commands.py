@@ -65,7 +65,9 @@ def infer_command(args: argparse.Namespace) -> int:
         if args.model:
             raise MaskrtError("give --model (run it here) or --server (a Triton server runs it), not both")
         from maskrt.runtime.backends.triton import TritonPredictor
-        stages = remote_stages(TritonPredictor(args.server, conf=args.conf))
+        stages = remote_stages(TritonPredictor(args.server, conf=args.conf, shm=getattr(args, "shm", False)))
+    elif getattr(args, "shm", False):
+        raise MaskrtError("--shm goes with --server (a Triton server on this machine)")
     elif not args.model:
         raise MaskrtError("maskrt infer needs --model (or --server HOST:PORT of a Triton server)")
     else:
