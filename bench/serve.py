@@ -176,50 +176,59 @@ class TritonClients:
         out["executions"] = float(stats.get("execution_count", 0))
         return out
 
-    def run(self, protocol: str, image: np.ndarray, concurrency: int, count: int) -> dict[str, float]:
-        """``protocol``: grpc, http, shm (gRPC, the frame in system shared memory), predictor or
-        predictor-shm (``TritonPredictor``: request + masks decoded into crops)."""
+    def caller(self, protocol: str, image: np.ndarray, index: int = 0):
+        """(send one request of ``image``, close) for one client. ``protocol``: grpc, http, shm (gRPC,
+        the frame copied into this client's registered system shared memory region), predictor or
+        predictor-shm (``TritonPredictor``: the request, then the masks decoded into crops)."""
         import tritonclient.utils.shared_memory as shared_memory
 
         from maskrt.runtime.backends.triton import TritonPredictor
 
+        if protocol.startswith("predictor"):
+            remote = TritonPredictor(self.grpc_url, conf=0.0, shm=protocol == "predictor-shm")
+            return (lambda: remote(image)), remote.close
         module = self.http if protocol == "http" else self.grpc
-        url = self.http_url if protocol == "http" else self.grpc_url
+        client = module.InferenceServerClient(self.http_url if protocol == "http" else self.grpc_url)
+        region = None
+        if protocol == "shm":
+            name = f"maskrt_bench_{os.getpid()}_{index}"
+            region = shared_memory.create_shared_memory_region(name, "/" + name, image.nbytes)
+            client.register_system_shared_memory(name, "/" + name, image.nbytes)
+
+        def call() -> None:  # serialising the frame (or copying it into the region) is part of the cost
+            item = module.InferInput("image", [1, *image.shape], "UINT8")
+            if region is not None:
+                shared_memory.set_shared_memory_region(region, [image[None]])
+                item.set_shared_memory(name, image.nbytes)
+            else:
+                item.set_data_from_numpy(image[None])
+            client.infer("maskrt", [item]).as_numpy("masks_rle")
+
+        def close() -> None:
+            if region is not None:
+                client.unregister_system_shared_memory(name)
+                shared_memory.destroy_shared_memory_region(region)
+            client.close()
+
+        return call, close
+
+    def run(self, protocol: str, image: np.ndarray, concurrency: int, count: int) -> dict[str, float]:
+        """``concurrency`` clients (one thread each) send ``count`` requests in all (``caller``)."""
         per_thread = max(1, count // concurrency)
         latencies: list[float] = []
         lock = threading.Lock()
-        if protocol.startswith("predictor"):
-            clients = [TritonPredictor(url, conf=0.0, shm=protocol == "predictor-shm") for _ in range(concurrency)]
-        else:
-            clients = [module.InferenceServerClient(url) for _ in range(concurrency)]
-        regions = []
-        if protocol == "shm":
-            frame = image[None]
-            for i, client in enumerate(clients):
-                name = f"maskrt_bench_{os.getpid()}_{i}"
-                regions.append((shared_memory.create_shared_memory_region(name, "/" + name, frame.nbytes), name))
-                client.register_system_shared_memory(name, "/" + name, frame.nbytes)
+        callers = [self.caller(protocol, image, i) for i in range(concurrency)]
 
         def worker(index: int) -> None:
-            client, mine = clients[index], []
+            call, mine = callers[index][0], []
             for _ in range(per_thread):
-                t0 = time.perf_counter()  # serialising the frame is part of the request's cost
-                if protocol.startswith("predictor"):
-                    client(image)
-                else:
-                    item = module.InferInput("image", [1, *image.shape], "UINT8")
-                    if protocol == "shm":  # the copy into the region is part of it
-                        shared_memory.set_shared_memory_region(regions[index][0], [image[None]])
-                        item.set_shared_memory(regions[index][1], image.nbytes)
-                    else:
-                        item.set_data_from_numpy(image[None])
-                    result = client.infer("maskrt", [item])
-                    result.as_numpy("masks_rle")
+                t0 = time.perf_counter()
+                call()
                 mine.append(time.perf_counter() - t0)
             with lock:
                 latencies.extend(mine)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(clients))]
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(callers))]
         before = self.statistics()
         server_cpu0, client_cpu0 = process_tree_cpu_s(self.server_pid), time.process_time()
         began = time.perf_counter()
@@ -231,11 +240,8 @@ class TritonClients:
         server_cpu = process_tree_cpu_s(self.server_pid) - server_cpu0
         client_cpu = time.process_time() - client_cpu0
         after = self.statistics()
-        for (handle, name), client in zip(regions, clients):
-            client.unregister_system_shared_memory(name)
-            shared_memory.destroy_shared_memory_region(handle)
-        for client in clients:
-            client.close()
+        for _, close in callers:
+            close()
         figures = summary(latencies, wall, server_cpu + client_cpu)
         figures["server_cpu_ms_per_image"] = 1000.0 * server_cpu / len(latencies)
         requests = max(after["requests"] - before["requests"], 1.0)
@@ -243,6 +249,21 @@ class TritonClients:
             figures[f"server_{key}_ms"] = (after[f"{key}_ns"] - before[f"{key}_ns"]) / requests / 1e6
         figures["mean_batch"] = requests / max(after["executions"] - before["executions"], 1.0)
         return figures
+
+
+def run_paired(calls: dict[str, object], count: int, offset: int) -> dict[str, list[float]]:
+    """Batch-1 latencies taken in pairs: ``count`` times, one request of every path in turn (the
+    order rotated each time), so each path sees the same load as its neighbours; on a shared
+    machine this compares paths more fairly than blocks of requests. Returns seconds per path."""
+    names = list(calls)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(count):
+        shift = (k + offset) % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            calls[name]()
+            out[name].append(time.perf_counter() - t0)
+    return out
 
 
 def main() -> int:
@@ -329,7 +350,12 @@ def main() -> int:
                     client.run("shm", image, 2, 2)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _, _, _ in paths}
             loads, packing, packing_per_mask, decoding, decoding_full = [], [], [], [], []
-            for _ in range(args.rounds):  # interleaved: each round measures every path
+            # The batch-1 paths again, request by request in turn (run_paired), on the first server.
+            c1_paths = [(name, protocol) for name, spec, protocol, c in paths if c == 1 and spec == first]
+            callers = {name: clients[first].caller(protocol, image, 100 + i) for i, (name, protocol) in enumerate(c1_paths)}
+            calls = {"in-process": lambda: predictor(image), **{name: callers[name][0] for name, _ in c1_paths}}
+            paired: dict[str, list[float]] = {name: [] for name in calls}
+            for round_index in range(args.rounds):  # interleaved: each round measures every path
                 loads.append(os.getloadavg()[0])
                 for name, spec, protocol, concurrency in paths:
                     rounds[name].append(run_in_process(predictor, image, args.count) if not spec else
@@ -337,6 +363,8 @@ def main() -> int:
                 packed_ms, per_mask_ms = time_packing(predictor, image, slots)
                 packing.append(packed_ms)
                 packing_per_mask.append(per_mask_ms)
+                for name, values in run_paired(calls, args.count, round_index).items():
+                    paired[name].extend(values)
                 crops_ms, full_ms = time_decoding(predictor, image, slots)
                 decoding.append(crops_ms)
                 decoding_full.append(full_ms)
@@ -361,6 +389,15 @@ def main() -> int:
                 name: figures[name]["images_per_s_max"] / base["images_per_s_max"] for name in top}
             figures["pack_ms"] = float(min(packing))
             figures["rle_per_mask_loop_ms"] = float(min(packing_per_mask))
+            for _, close in callers.values():
+                close()
+            paired_p50 = {name: 1000.0 * float(np.median(values)) for name, values in paired.items()}
+            in_process_paired = np.asarray(paired["in-process"])
+            figures["paired_p50_ms"] = paired_p50
+            figures["paired_overhead"] = {  # [ratio of p50s, median of the per-pair ratios] - 1
+                name: [paired_p50[name] / paired_p50["in-process"] - 1.0,
+                       float(np.median(np.asarray(paired[name]) / in_process_paired)) - 1.0]
+                for name in paired if name != "in-process"}
             figures["decode_crops_ms"] = float(min(decoding))
             figures["decode_full_pycocotools_ms"] = float(min(decoding_full))
             figures["load_average_1m"] = loads
@@ -395,6 +432,10 @@ def main() -> int:
                   f"{figures['decode_full_pycocotools_ms']:.1f} ms into full frames with pycocotools (before)")
             print("  batch-1 p50 overhead vs in-process, median [best p50s]: " + ", ".join(
                 f"{name} {100 * v[0]:+.1f} % [{100 * v[1]:+.1f} %]" for name, v in figures["batch1_overheads"].items()))
+            print(f"  batch-1, paired ({args.rounds} x {args.count} requests of each path in turn): p50 in-process "
+                  f"{paired_p50['in-process']:.1f} ms; " + ", ".join(
+                      f"{name} {paired_p50[name]:.1f} ms {100 * v[0]:+.1f} % (per pair {100 * v[1]:+.1f} %)"
+                      for name, v in figures["paired_overhead"].items()))
             ratios = ", ".join(f"{name} {figures['throughput_vs_sequential'][name]:.2f}x "
                                f"[{figures['throughput_vs_sequential_best'][name]:.2f}x]" for name in top)
             print(f"  batch-1 latency overhead {100 * figures['batch1_latency_overhead']:+.1f} % "
