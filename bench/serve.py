@@ -285,6 +285,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="`maskrt serve --max-batch`")
     parser.add_argument("--max-queue-delay-us", type=int, default=None,
                         help="`maskrt serve --max-queue-delay-us` (default: serve's default)")
+    parser.add_argument("--image", help="an image the model knows (e.g. one of its validation images), resized to "
+                        "each size (default: a synthetic shapes scene)")
     parser.add_argument("--no-shm", action="store_true", help="leave out the shared-memory paths")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -293,6 +295,13 @@ def main() -> int:
     from maskrt.runtime.commands import synthetic_shapes_image
     from maskrt.runtime.serving import detections_per_image
 
+    source = None
+    if args.image:
+        import cv2
+
+        source = cv2.imread(args.image, cv2.IMREAD_COLOR)
+        if source is None:
+            raise SystemExit(f"cannot read {args.image}")
     work = Path(tempfile.mkdtemp(prefix="maskrt-bench-serve-"))
     model = Path(args.model) if args.model else export_edge(work, args.export_size)
     predictor = Predictor(model, conf=args.conf)
@@ -328,7 +337,7 @@ def main() -> int:
             paths.append((f"{tag}client c1", spec, "predictor", 1))
             if not args.no_shm:
                 paths.append((f"{tag}client shm c1", spec, "predictor-shm", 1))
-    report: dict[str, object] = {"model": str(model), "input_size": list(predictor.input_size), "rounds": args.rounds,
+    report: dict[str, object] = {"model": str(model), "image": args.image, "conf": args.conf, "input_size": list(predictor.input_size), "rounds": args.rounds,
                                  "count": args.count, "servers": commands, "cpus": os.cpu_count(), "sizes": {}}
     try:
         deadline = time.monotonic() + 300
@@ -340,7 +349,8 @@ def main() -> int:
         clients = {spec: TritonClients(*ports[spec], servers[spec].pid) for spec in servers}
         for size in args.sizes:
             h, w = predictor.input_size if size == "input" else (int(v) for v in size.lower().split("x"))
-            image = synthetic_shapes_image(h, w, seed=0)
+            image = (synthetic_shapes_image(h, w, seed=0) if source is None else
+                     cv2.resize(source, (w, h), interpolation=cv2.INTER_LINEAR))
             detections = len(predictor(image))
             run_in_process(predictor, image, 3)  # warm-up
             for spec, client in clients.items():
