@@ -20,7 +20,10 @@ image) are the worst case for the wire contract's RLE. Use ``--conf`` as the mod
 
 All of them are measured in every round, one after another (interleaved), ``--rounds`` times;
 the report gives each figure's median over the rounds and its min (best) in brackets, and the
-1-minute load average seen at each round's start (the machine may be shared: say so).
+1-minute load average seen at each round's start (the machine may be shared: say so). The
+batch-1 paths are measured once more per round *paired*: one request of each in turn, the order
+rotated, ``--count`` times (``run_paired``); their p50s against the in-process p50 are the
+fairest latency comparison on a loaded machine.
 
 It also says where a batch-1 request's time goes: the server's own time for it (Triton's
 statistics: queue, compute), the wire contract's packing (COCO RLE of every mask, timed here on
