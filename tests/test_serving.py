@@ -403,6 +403,30 @@ def test_shared_memory_client_equals_the_predictor_and_cleans_up(server, predict
     admin.close()
 
 
+def test_shared_memory_the_server_cannot_map_is_one_clear_error(server, monkeypatch):
+    """A server on another machine cannot open this machine's region: simulated by making the
+    region under another key than the one registered. One MaskrtError; nothing left behind."""
+    import tritonclient.utils.shared_memory as shared_memory
+
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.backends.triton import TritonPredictor
+
+    made = []
+    create = shared_memory.create_shared_memory_region
+
+    def elsewhere(name, key, byte_size, create_only=False):
+        made.append(Path("/dev/shm") / f"{key.lstrip('/')}_elsewhere")
+        return create(name, key + "_elsewhere", byte_size, create_only)
+
+    monkeypatch.setattr(shared_memory, "create_shared_memory_region", elsewhere)
+    remote = TritonPredictor(f"127.0.0.1:{server.grpc}", conf=CONF, shm=True)
+    with pytest.raises(MaskrtError, match="--shm: Triton at .* cannot map this machine's shared memory .*"
+                                          "Unable to open shared memory region"):
+        remote(test_images()[0])
+    remote.close()
+    assert made and not any(path.exists() for path in made)
+
+
 def test_exported_repository_parses_and_answers_in_the_bundled_triton(model_path, predictor, tmp_path):
     from maskrt.cli import main
     from maskrt.export.triton import write_triton_repository
