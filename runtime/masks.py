@@ -243,7 +243,7 @@ def rle_string_to_counts(counts: str | bytes) -> np.ndarray:
 def rle_string_to_crop(counts: str | bytes, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """A compressed COCO RLE of an [h, w] mask -> (bool crop [h_i, w_i], origin (x0, y0)): the
     mask's tight bounding window, the form ``MaskCrops`` keeps (0x0 at (0, 0) when empty).
-    Reads the runs, fills only the window's columns: no full-frame mask is made."""
+    Reads the runs and fills only the window: no full-frame mask, no full-height column is made."""
     h, w = (int(v) for v in image_size)
     runs = rle_string_to_counts(counts)
     if runs.sum() != h * w:
@@ -254,16 +254,22 @@ def rle_string_to_crop(counts: str | bytes, image_size: tuple[int, int]) -> tupl
     on_start, on_end = on_start[keep], on_end[keep]
     if on_start.size == 0:
         return np.zeros((0, 0), bool), (0, 0)
-    x0, x1 = int(on_start[0] // h), int((on_end[-1] - 1) // h) + 1
-    # +1 where a run starts, -1 where it ends: all distinct (runs of zeros between are >= 1 long).
-    edges = np.zeros((x1 - x0) * h + 1, np.int8)
-    edges[on_start - x0 * h] = 1
-    edges[on_end - x0 * h] = -1
-    columns = np.cumsum(edges[:-1], dtype=np.int8).astype(bool).reshape(x1 - x0, h)
-    rows = np.flatnonzero(columns.any(axis=0))
-    cols = np.flatnonzero(columns.any(axis=1))
-    crop = np.ascontiguousarray(columns[cols[0]:cols[-1] + 1, rows[0]:rows[-1] + 1].T)
-    return crop, (x0 + int(cols[0]), int(rows[0]))
+    # Cut each run into its pieces, one per image column it crosses: [top, bottom) rows of column.
+    first_col, last_col = on_start // h, (on_end - 1) // h
+    pieces = last_col - first_col + 1
+    run_of = np.repeat(np.arange(on_start.size), pieces)
+    column = first_col[run_of] + (np.arange(run_of.size) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+    top = np.where(column == first_col[run_of], on_start[run_of] - column * h, 0)
+    bottom = np.where(column == last_col[run_of], on_end[run_of] - column * h, h)
+    x0, y0 = int(column.min()), int(top.min())
+    crop_w, crop_h = int(column.max()) - x0 + 1, int(bottom.max()) - y0
+    # +1 where a piece starts, -1 where it ends, per column of the window: all distinct (a
+    # column's pieces are separated by runs of zeros >= 1 long), then a running sum down each.
+    edges = np.zeros((crop_w, crop_h + 1), np.int8)
+    edges[column - x0, top - y0] = 1
+    edges[column - x0, bottom - y0] = -1
+    crop = np.cumsum(edges[:, :crop_h], axis=1, dtype=np.int8).astype(bool).T
+    return np.ascontiguousarray(crop), (x0, y0)
 
 
 def rle_strings_to_mask_crops(strings: "list[str | bytes]", image_size: tuple[int, int]) -> MaskCrops:
