@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--server", metavar="HOST:PORT",
                      help="send the frames to a Triton server's 'maskrt' model over gRPC instead of running a "
                      "model here, e.g. `maskrt infer --server gpu-box:8001 --source 0`")
+    inf.add_argument("--shm", action="store_true",
+                     help="with --server on this machine: hand each frame to Triton through system shared memory "
+                     "instead of the socket, e.g. `maskrt infer --server 127.0.0.1:8001 --shm --source 0`")
     inf.add_argument("--source", required=True, help="0 | /dev/videoN | file.mp4 | rtsp://... | image | dir")
     inf.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                      help="auto: tensorrt for .engine/.plan, onnxruntime for .onnx")

@@ -78,7 +78,10 @@ def infer_command(args: argparse.Namespace) -> int:
             raise MaskrtError("--threads sets the engine's threads here; with --server the server runs the engine "
                               "(`maskrt serve --threads`)")
         from maskrt.runtime.backends.triton import TritonPredictor
-        stages = remote_stages(TritonPredictor(args.server, conf=args.conf), draw_threads=args.draw_threads)
+        stages = remote_stages(TritonPredictor(args.server, conf=args.conf, shm=getattr(args, "shm", False)),
+                               draw_threads=args.draw_threads)
+    elif getattr(args, "shm", False):
+        raise MaskrtError("--shm goes with --server (a Triton server on this machine)")
     elif not args.model:
         raise MaskrtError("maskrt infer needs --model (or --server HOST:PORT of a Triton server)")
     else:

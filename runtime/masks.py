@@ -216,3 +216,68 @@ def mask_crops_to_rle_strings(mask_crops: MaskCrops) -> list[str]:
     cuts = np.zeros(count + 1, np.int64)
     np.cumsum(np.bincount(bound_owner, weights=characters, minlength=count).astype(np.int64), out=cuts[1:])
     return [text[cuts[i]:cuts[i + 1]] for i in range(count)]
+
+
+def rle_string_to_counts(counts: str | bytes) -> np.ndarray:
+    """COCO's compressed RLE string -> its run lengths, int64 [R] (pycocotools' rleFrString,
+    vectorised): the inverse of ``rle_counts_to_string``."""
+    codes = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else bytes(counts), np.uint8)
+    if codes.size == 0:
+        return np.zeros(0, np.int64)
+    chunks = codes.astype(np.int64) - 48
+    last = (chunks & 0x20) == 0  # a character without the continuation bit ends its value
+    value_of = np.cumsum(last) - last  # which value each character belongs to
+    starts = np.flatnonzero(np.r_[True, last[:-1]])
+    digit = np.arange(codes.size) - starts[value_of]
+    values = np.add.reduceat((chunks & 0x1F) << (5 * digit), starts)
+    ends = np.flatnonzero(last)
+    negative = (chunks[ends] & 0x10) != 0  # sign-extend from the last character's top bit
+    values[negative] -= np.int64(1) << (5 * (digit[ends[negative]] + 1))
+    # From the 4th value on, each is stored as its difference from the count two before it.
+    out = values.copy()
+    out[3::2] = np.cumsum(values[1::2])[1:]
+    out[2::2] = np.cumsum(values[2::2])
+    return out
+
+
+def rle_string_to_crop(counts: str | bytes, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """A compressed COCO RLE of an [h, w] mask -> (bool crop [h_i, w_i], origin (x0, y0)): the
+    mask's tight bounding window, the form ``MaskCrops`` keeps (0x0 at (0, 0) when empty).
+    Reads the runs and fills only the window: no full-frame mask, no full-height column is made."""
+    h, w = (int(v) for v in image_size)
+    runs = rle_string_to_counts(counts)
+    if runs.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {int(runs.sum())}, not {h} x {w}")
+    bounds = np.cumsum(runs)
+    on_start, on_end = bounds[0:-1:2], bounds[1::2]  # runs of ones: [start, end) in column-major order
+    keep = on_end > on_start
+    on_start, on_end = on_start[keep], on_end[keep]
+    if on_start.size == 0:
+        return np.zeros((0, 0), bool), (0, 0)
+    # Cut each run into its pieces, one per image column it crosses: [top, bottom) rows of column.
+    first_col, last_col = on_start // h, (on_end - 1) // h
+    pieces = last_col - first_col + 1
+    run_of = np.repeat(np.arange(on_start.size), pieces)
+    column = first_col[run_of] + (np.arange(run_of.size) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+    top = np.where(column == first_col[run_of], on_start[run_of] - column * h, 0)
+    bottom = np.where(column == last_col[run_of], on_end[run_of] - column * h, h)
+    x0, y0 = int(column.min()), int(top.min())
+    crop_w, crop_h = int(column.max()) - x0 + 1, int(bottom.max()) - y0
+    # +1 where a piece starts, -1 where it ends, per column of the window: all distinct (a
+    # column's pieces are separated by runs of zeros >= 1 long), then a running sum down each.
+    edges = np.zeros((crop_w, crop_h + 1), np.int8)
+    edges[column - x0, top - y0] = 1
+    edges[column - x0, bottom - y0] = -1
+    crop = np.cumsum(edges[:, :crop_h], axis=1, dtype=np.int8).astype(bool).T
+    return np.ascontiguousarray(crop), (x0, y0)
+
+
+def rle_strings_to_mask_crops(strings: "list[str | bytes]", image_size: tuple[int, int]) -> MaskCrops:
+    """Compressed COCO RLE strings of N masks of an [h, w] image -> MaskCrops (tight windows):
+    what a client of the Triton model keeps, without N full-frame masks."""
+    crops, origins = [], np.zeros((len(strings), 2), np.int64)
+    for i, counts in enumerate(strings):
+        crop, origin = rle_string_to_crop(counts, image_size)
+        crops.append(crop)
+        origins[i] = origin
+    return MaskCrops(tuple(crops), origins, (int(image_size[0]), int(image_size[1])))

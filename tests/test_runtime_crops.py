@@ -11,7 +11,8 @@ import pytest
 from maskrt.errors import MaskrtError
 from maskrt.runtime.draw import class_color, draw_detections, draw_label
 from maskrt.runtime.masks import (MaskCrops, crop_rle_counts, crop_to_full_mask, crop_to_rle, crops_from_full_masks,
-                                  mask_crops_to_rle_strings, rle_counts_to_string)
+                                  mask_crops_to_rle_strings, rle_counts_to_string, rle_string_to_counts,
+                                  rle_string_to_crop, rle_strings_to_mask_crops)
 from maskrt.runtime.postprocess import MASK_THRESHOLD, expand_boxes, paste_mask_crops, paste_masks
 from maskrt.runtime.predictor import Detections
 from test_runtime_fakes import CLASS_NAMES
@@ -237,6 +238,52 @@ def test_rle_string_worked_example():
     # 0x10|0x20 = 48 + 48 = '`', then -3 & 0x1F = 29 = 'M'. (pycocotools' frPyObjects gives
     # b'03T3O`M' for these counts.)
     assert rle_counts_to_string(np.array([0, 3, 100, 2, 20])) == "03T3O`M"
+
+
+def test_rle_strings_decode_to_pycocotools_masks_as_tight_crops():
+    """The Triton client's decoder: pycocotools' strings -> the crops of its decoded masks."""
+    mask_api = pytest.importorskip("pycocotools.mask")
+    # The worked example above, backwards: the differences undone.
+    assert rle_string_to_counts("03T3O`M").tolist() == [0, 3, 100, 2, 20]
+    assert rle_string_to_counts(b"").tolist() == []
+    h, w = 97, 131
+    masks, boxes, _, _ = random_detections(40, h, w, 11)
+    full = paste_mask_crops(masks, boxes, (h, w)).full()
+    strings = [mask_api.encode(np.asfortranarray(m.astype(np.uint8)))["counts"] for m in full]
+    decoded = rle_strings_to_mask_crops(strings, (h, w))
+    assert np.array_equal(decoded.full(), full)
+    assert np.array_equal(decoded.full(), mask_api.decode([{"size": [h, w], "counts": c} for c in strings])
+                          .transpose(2, 0, 1).astype(bool))
+    tight = crops_from_full_masks(full)  # each crop is the mask's bounding rectangle
+    assert all(a.shape == b.shape for a, b in zip(decoded.crops, tight.crops))
+    assert np.array_equal(decoded.origins, tight.origins)
+    # Random masks: empty, full, noise, blobs, columns, tiny images; long runs (many characters).
+    rng = np.random.default_rng(14)
+    for trial in range(300):
+        mh, mw = (int(v) for v in rng.integers(1, 40, 2))
+        mask = np.zeros((mh, mw), bool)
+        kind = trial % 5
+        if kind == 0:
+            mask = rng.random((mh, mw)) < rng.random()
+        elif kind == 1:
+            mask[:] = True
+        elif kind == 3:
+            y0, x0 = int(rng.integers(0, mh)), int(rng.integers(0, mw))
+            mask[y0:y0 + int(rng.integers(1, 20)), x0:x0 + int(rng.integers(1, 20))] = True
+        elif kind == 4:
+            mask[:, int(rng.integers(0, mw))] = True
+        counts = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+        crop, (x0, y0) = rle_string_to_crop(counts.decode("ascii"), (mh, mw))
+        assert np.array_equal(crop_to_full_mask(crop, (x0, y0), (mh, mw)), mask)
+    big = np.zeros((1080, 1920), bool)
+    big[100:900, 300:1500] = True
+    big[500:510, 10:20] = True
+    counts = mask_api.encode(np.asfortranarray(big.astype(np.uint8)))["counts"]
+    crop, origin = rle_string_to_crop(counts, (1080, 1920))
+    assert origin == (10, 100) and crop.shape == (800, 1490)
+    assert np.array_equal(crop_to_full_mask(crop, origin, (1080, 1920)), big)
+    with pytest.raises(ValueError, match="sum to"):
+        rle_string_to_crop(counts, (1080, 1921))
 
 
 def test_colour_planes_are_filled_grown_and_bounded():

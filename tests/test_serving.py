@@ -368,6 +368,65 @@ def test_infer_server_client_equals_the_predictor(server, predictor, tmp_path, c
     assert capsys.readouterr().err.startswith("maskrt: error: cannot reach Triton at")
 
 
+def test_shared_memory_client_equals_the_predictor_and_cleans_up(server, predictor, tmp_path, capsys):
+    """`maskrt infer --server ... --shm`: the frame goes through Triton's system shared memory
+    (a region this client registers), the answers are the in-process Predictor's; the region
+    grows for a larger frame and is unregistered and removed on close."""
+    import cv2
+
+    from maskrt.cli import main
+    from maskrt.runtime.backends.triton import TritonPredictor
+
+    admin = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    images = sorted(test_images(), key=lambda image: image.size)  # small first: the region must grow
+    with TritonPredictor(f"127.0.0.1:{server.grpc}", conf=CONF, shm=True) as remote:
+        for image in images:
+            got, expected = remote(image), predictor(image)
+            assert len(got) == len(expected) > 0
+            np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6, rtol=0)
+            assert got.labels.tolist() == expected.labels.tolist() and np.array_equal(got.masks, expected.masks)
+            regions = admin.get_system_shared_memory_status(as_json=True).get("regions", {})
+            assert list(regions) == [remote._region_name]
+            assert int(regions[remote._region_name]["byte_size"]) == image.nbytes  # sent through it
+        key = Path("/dev/shm") / remote._region_name
+        assert key.exists()
+    assert admin.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+    assert not key.exists()
+    # The CLI's loop with --shm, on a still image; --shm alone is one line.
+    cv2.imwrite(str(tmp_path / "a.png"), images[-1])
+    assert main(["infer", "--server", f"127.0.0.1:{server.grpc}", "--shm", "--source", str(tmp_path / "a.png"),
+                 "--conf", "0", "--save", str(tmp_path / "out")]) == 0
+    assert f"a: {len(predictor(images[-1]))} detections" in capsys.readouterr().out
+    assert main(["infer", "--model", "m.onnx", "--shm", "--source", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().err.startswith("maskrt: error: --shm goes with --server")
+    admin.close()
+
+
+def test_shared_memory_the_server_cannot_map_is_one_clear_error(server, monkeypatch):
+    """A server on another machine cannot open this machine's region: simulated by making the
+    region under another key than the one registered. One MaskrtError; nothing left behind."""
+    import tritonclient.utils.shared_memory as shared_memory
+
+    from maskrt.errors import MaskrtError
+    from maskrt.runtime.backends.triton import TritonPredictor
+
+    made = []
+    create = shared_memory.create_shared_memory_region
+
+    def elsewhere(name, key, byte_size, create_only=False):
+        made.append(Path("/dev/shm") / f"{key.lstrip('/')}_elsewhere")
+        return create(name, key + "_elsewhere", byte_size, create_only)
+
+    monkeypatch.setattr(shared_memory, "create_shared_memory_region", elsewhere)
+    remote = TritonPredictor(f"127.0.0.1:{server.grpc}", conf=CONF, shm=True)
+    with pytest.raises(MaskrtError, match="--shm: Triton at .* cannot map this machine's shared memory .*"
+                                          "Unable to open shared memory region"):
+        remote(test_images()[0])
+    remote.close()
+    assert made and not any(path.exists() for path in made)
+
+
 def test_exported_repository_parses_and_answers_in_the_bundled_triton(model_path, predictor, tmp_path):
     from maskrt.cli import main
     from maskrt.export.triton import write_triton_repository
