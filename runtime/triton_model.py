@@ -21,8 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
 from maskrt.errors import MaskrtError
-from maskrt.runtime.backends import OUTPUT_NAMES as GRAPH_OUTPUT_NAMES, check_model_file, choose_backend
-from maskrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from maskrt.runtime.backends import OUTPUT_NAMES as GRAPH_OUTPUT_NAMES
 from maskrt.runtime.predictor import Predictor
 from maskrt.runtime.serving import INPUT_NAME, OUTPUT_NAMES, image_problem, pack_detections
 
@@ -58,16 +57,12 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         conf = float(parameters.get("conf", "0.5"))
         self.slots = int(parameters["detections"])
-        if parameters.get("model_path") and parameters.get("threads"):
-            # ONNX Runtime with a set number of intra-op threads (`maskrt serve --threads`).
-            path = check_model_file(parameters["model_path"])
-            if choose_backend(path, parameters.get("backend", "auto")) != "onnxruntime":
-                raise MaskrtError("--threads applies to ONNX Runtime models only")
-            backend = OnnxRuntimeBackend(path, threads=int(parameters["threads"]))
-            self.predictor = Predictor.from_backend(backend, conf=conf, source=str(path))
-        elif parameters.get("model_path"):
+        if parameters.get("model_path"):
+            # `threads`: ONNX Runtime's intra-op threads (`maskrt serve --threads`); open_backend
+            # refuses it for a TensorRT engine.
+            threads = int(parameters["threads"]) if parameters.get("threads") else None
             self.predictor = Predictor(parameters["model_path"], backend=parameters.get("backend", "auto"), conf=conf,
-                                       plugin=parameters.get("plugin") or None)
+                                       plugin=parameters.get("plugin") or None, threads=threads)
         else:
             fixed = int(parameters.get("graph_fixed_batch", "0")) or None
             backend = BlsGraphBackend(parameters["graph_model"], json.loads(parameters["maskrt_metadata"]), fixed,
