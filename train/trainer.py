@@ -117,8 +117,9 @@ class TrainConfig:
     augment: bool = True
     scale_range: tuple[float, float] = (0.6, 1.5)
     # Photo-like augmentations (train/transforms.py `repaint`, `camera_noise`). Off by default:
-    # at 1,200 edge steps on the generator they lowered segm AP on its val split and on shapes
-    # on photographs alike (docs/training.md, "Shapes on real photographs").
+    # at 1,200 edge steps they lowered segm AP on every held-out set, and at 3,950 they left the
+    # generator's val unchanged and lowered shapes on photographs by 5 (docs/training.md,
+    # "Shapes on real photographs").
     repaint_prob: float = 0.0
     camera_noise_prob: float = 0.0
     model_overrides: dict[str, Any] = field(default_factory=dict)
