@@ -543,8 +543,7 @@ def test_without_a_compiler_roi_align_falls_back_to_pytorch(monkeypatch, recwarn
     def no_compiler() -> str:
         raise MaskrtError("no C++ compiler found (tried $CXX, g++, c++, clang++)")
 
-    monkeypatch.setattr(native_cpu, "_library", None)
-    monkeypatch.setattr(native_cpu, "_unavailable", False)
+    monkeypatch.setattr(native_cpu, "_libraries", {})
     monkeypatch.setattr(native_cpu, "find_compiler", no_compiler)
     monkeypatch.setattr(native_cpu, "roi_align_forward", lambda *args: pytest.fail("the native path ran"))
     assert not native_cpu.enabled()

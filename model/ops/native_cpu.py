@@ -20,7 +20,7 @@ import ctypes
 import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,10 +40,9 @@ NMS_LIBRARY_NAME = "libmaskrt_nms_cpu.so"
 NMS_COMPILE_FLAGS = ("-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 
 _MODE_CODES = {"avg": 0, "max": 1}
-_library: ctypes.CDLL | None = None
-_unavailable = False  # set once a build failed or no compiler exists: not retried per call
-_nms_library: ctypes.CDLL | None = None
-_nms_unavailable = False
+# Each library once loaded, by folder name; None where it could not be had (a failed build or no
+# compiler is not retried per call).
+_libraries: dict[str, ctypes.CDLL | None] = {}
 
 
 def _build(source: Path = SOURCE, flags: Sequence[str] = COMPILE_FLAGS, folder: str = "roi-align-cpu",
@@ -56,26 +55,30 @@ def _build(source: Path = SOURCE, flags: Sequence[str] = COMPILE_FLAGS, folder: 
     return build_cached_library(compiler, source, flags, target)
 
 
-def _build_and_load(source: Path, flags: Sequence[str], folder: str, name: str, what: str) -> ctypes.CDLL | None:
-    """One native library, built on first use and loaded; None where it cannot be had. No
-    compiler is the documented fallback (silent); a failed build or load warns once."""
+def _build_and_load(source: Path, flags: Sequence[str], folder: str, name: str, what: str,
+                    declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """One native library, built on first use, loaded and its entry point declared (``declare``),
+    then kept (``_libraries[folder]``); None where it cannot be had, also kept. No compiler is
+    the documented fallback (silent); a failed build or load warns once."""
+    if folder in _libraries:
+        return _libraries[folder]
     try:
-        return ctypes.CDLL(str(_build(source, flags, folder, name)))
+        library = ctypes.CDLL(str(_build(source, flags, folder, name)))
+        declare(library)
     except (MaskrtError, OSError) as error:
         if "no C++ compiler" not in str(error):
             warnings.warn(f"maskrt: native CPU {what} unavailable, using the PyTorch path: {error}", stacklevel=3)
-        return None
+        library = None
+    _libraries[folder] = library
+    return library
 
 
 def load_library() -> ctypes.CDLL | None:
     """The loaded library (built on first use), or None where it cannot be had (the fallback runs)."""
-    global _library, _unavailable
-    if _library is not None or _unavailable:
-        return _library
-    library = _build_and_load(SOURCE, COMPILE_FLAGS, "roi-align-cpu", LIBRARY_NAME, "RoIAlign")
-    if library is None:
-        _unavailable = True
-        return None
+    return _build_and_load(SOURCE, COMPILE_FLAGS, "roi-align-cpu", LIBRARY_NAME, "RoIAlign", _declare_roi_align)
+
+
+def _declare_roi_align(library: ctypes.CDLL) -> None:
     entry = library.maskrt_roi_align_forward_cpu
     entry.restype = ctypes.c_int
     entry.argtypes = [
@@ -85,25 +88,18 @@ def load_library() -> ctypes.CDLL | None:
         ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,        # aligned, mode, threads
         ctypes.c_void_p,                                       # output [K,C,ph,pw]
     ]
-    _library = library
-    return library
 
 
 def load_nms_library() -> ctypes.CDLL | None:
     """The loaded NMS library (built on first use), or None where it cannot be had (the fallback runs)."""
-    global _nms_library, _nms_unavailable
-    if _nms_library is not None or _nms_unavailable:
-        return _nms_library
-    library = _build_and_load(NMS_SOURCE, NMS_COMPILE_FLAGS, "nms-cpu", NMS_LIBRARY_NAME, "NMS")
-    if library is None:
-        _nms_unavailable = True
-        return None
+    return _build_and_load(NMS_SOURCE, NMS_COMPILE_FLAGS, "nms-cpu", NMS_LIBRARY_NAME, "NMS", _declare_nms)
+
+
+def _declare_nms(library: ctypes.CDLL) -> None:
     entry = library.maskrt_nms_sorted_cpu
     entry.restype = ctypes.c_int64
     entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # boxes [N,4], groups [N] (or NULL), N
                       ctypes.c_float, ctypes.c_int64, ctypes.c_void_p]   # iou threshold, max kept, keep [N] uint8
-    _nms_library = library
-    return library
 
 
 def nms_enabled() -> bool:
