@@ -120,8 +120,10 @@ def time_decoding(predictor, image: np.ndarray, slots: int, count: int = 3) -> t
     """Best (min) ms of the client's decoding of this image's ``masks_rle`` into MaskCrops (what
     ``TritonPredictor`` does), and into full-frame masks with pycocotools (what it did before
     2026-11-27), interleaved."""
+    from pycocotools import mask as coco_mask
+
     from maskrt.runtime.masks import rle_strings_to_mask_crops
-    from maskrt.runtime.serving import decode_masks, pack_detections
+    from maskrt.runtime.serving import pack_detections
 
     detections = predictor(image)
     rles = list(pack_detections(detections, slots)["masks_rle"][:len(detections)])
@@ -130,7 +132,9 @@ def time_decoding(predictor, image: np.ndarray, slots: int, count: int = 3) -> t
         t0 = time.perf_counter()
         rle_strings_to_mask_crops([json.loads(r)["counts"] for r in rles], image.shape[:2])
         t1 = time.perf_counter()
-        decode_masks(rles, image.shape[:2])
+        if rles:  # pycocotools' full-frame masks, as the client decoded them before
+            coco_mask.decode([{"size": json.loads(r)["size"], "counts": json.loads(r)["counts"].encode()}
+                              for r in rles])
         t2 = time.perf_counter()
         crops.append(t1 - t0)
         full.append(t2 - t1)

@@ -100,22 +100,6 @@ def pack_detections(detections, slots: int) -> dict[str, np.ndarray]:
             "masks_rle": rles}
 
 
-def decode_masks(rles: Sequence[bytes | str], image_size: tuple[int, int]) -> np.ndarray:
-    """``masks_rle`` items (JSON COCO RLE) -> bool [N, h, w] (pycocotools decodes)."""
-    h, w = image_size
-    if len(rles) == 0:
-        return np.zeros((0, h, w), bool)
-    try:
-        from pycocotools import mask as coco_mask
-    except ImportError:
-        raise MaskrtError("decoding masks_rle needs pycocotools: pip install 'maskrt[serve]'") from None
-    objects = []
-    for item in rles:
-        rle = json.loads(item)
-        objects.append({"size": rle["size"], "counts": rle["counts"].encode()})
-    return coco_mask.decode(objects).transpose(2, 0, 1).astype(bool)
-
-
 # --- model configuration ----------------------------------------------------------------------
 
 def _parameters_text(parameters: Mapping[str, str]) -> str:

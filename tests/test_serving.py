@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from maskrt.runtime import Predictor  # noqa: E402
 from maskrt.runtime.commands import synthetic_shapes_image  # noqa: E402
-from maskrt.runtime.serving import OUTPUT_NAMES, decode_masks, maskrt_model_config, pack_detections  # noqa: E402
+from maskrt.runtime.serving import OUTPUT_NAMES, maskrt_model_config, pack_detections  # noqa: E402
 from test_runtime_fakes import CLASS_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one ONNX export (~35 s) and two Triton start-ups (~10 s each)
@@ -158,7 +158,9 @@ def assert_same_as_predictor(item: dict[str, np.ndarray], expected, image_shape:
         rle = json.loads(item["masks_rle"][i])
         assert rle["size"] == list(image_shape)
         assert rle["counts"].encode() == reference[i]["counts"]
-    assert np.array_equal(decode_masks(list(item["masks_rle"][:count]), image_shape), expected.masks)
+    decoded = pycoco_mask.decode([{"size": list(image_shape), "counts": json.loads(r)["counts"].encode()}
+                                  for r in item["masks_rle"][:count]])
+    assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), expected.masks)
 
 
 # --- no server ------------------------------------------------------------------------------
