@@ -1,5 +1,5 @@
 """RoIAlign speed: maskrt's roi_align (native CPU forward, pure-PyTorch fallback forward, and
-forward+backward with either forward; the backward is PyTorch's in both) next to ONNX Runtime's
+forward+backward on the native kernels or on the PyTorch fallback) next to ONNX Runtime's
 RoiAlign (forward; C++, the stand-in for torchvision's kernel, which does not load here) on the
 same FPN-sized inputs, measured side by side in one run.
 
@@ -38,7 +38,7 @@ _roi_align_module = importlib.import_module("maskrt.model.ops.roi_align")
 
 @contextlib.contextmanager
 def _pure_pytorch():
-    """The fallback forward (no native kernel) inside the block."""
+    """The fallback forward and backward (no native kernel) inside the block."""
     _roi_align_module._NATIVE_CPU = False
     try:
         yield

@@ -580,3 +580,117 @@ def test_native_forward_reads_nchw_maps_by_windows_bit_for_bit():
             if mode == "avg" else None
         if reference is not None:
             np.testing.assert_allclose(windows.double().numpy(), reference, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the native CPU backward (average mode)
+def _jacobian_transpose_ref(feat_shape: tuple[int, ...], rois: np.ndarray, grad: np.ndarray, scale: float,
+                            sampling: int, aligned: bool) -> np.ndarray:
+    """J^T grad of the NumPy reference forward, J built column by column from unit maps (the
+    forward is linear in the map): an independent float64 reference of the gradient."""
+    n, c, h, w = feat_shape
+    out_h, out_w = grad.shape[-2:]
+    result = np.zeros(feat_shape)
+    for index in range(n * h * w):  # channels do not mix: one unit cell, every channel at once
+        unit = np.zeros(feat_shape)
+        b, y, x = np.unravel_index(index, (n, h, w))
+        unit[b, :, y, x] = 1.0
+        column = roi_align_ref(unit, rois, out_h, out_w, scale, sampling, aligned)  # [K, C, oh, ow]
+        result[b, :, y, x] = (column * grad).sum(axis=(0, 2, 3))
+    return result
+
+
+@pytest.mark.parametrize("aligned,sampling", [(False, 2), (True, 0), (False, 0), (True, 3)])
+def test_native_backward_equals_the_reference_jacobian(monkeypatch, aligned, sampling):
+    """roi_align's float32 CPU gradient (average mode) runs the native kernel and equals J^T g of
+    the NumPy reference forward, RoIs past the map's last row and column, inverted, zero-size,
+    outside and NaN included; the PyTorch fallback gives the same numbers."""
+    native_cpu = _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    calls = []
+    original = native_cpu.roi_align_backward
+    monkeypatch.setattr(native_cpu, "roi_align_backward", lambda *args: calls.append(1) or original(*args))
+    rng = np.random.default_rng(11)
+    feat = rng.standard_normal((2, 3, 7, 9)).astype(np.float32)
+    rois = np.concatenate([_random_rois(rng, 9, batch=2, extent=14.0),
+                           [[1, 10.0, 8.0, 17.9, 13.9],      # reaches past the last row and column
+                            [0, 12.0, 9.0, 3.0, 2.0],        # inverted
+                            [1, 4.0, 4.0, 4.0, 4.0],         # zero-size
+                            [0, -40.0, -30.0, -20.0, -25.0],  # outside the map
+                            [1, np.nan, 2.0, 6.0, 6.0]]]).astype(np.float32)  # NaN: zero output, zero gradient
+    grad = rng.standard_normal((len(rois), 3, 3, 2)).astype(np.float32)
+    finite = np.isfinite(rois).all(axis=1)
+    expected = _jacobian_transpose_ref(feat.shape, rois[finite].astype(np.float64), grad[finite].astype(np.float64),
+                                       0.5, sampling, aligned)
+    leaf = torch.tensor(feat, requires_grad=True)
+    roi_align(leaf, torch.tensor(rois), (3, 2), 0.5, sampling, aligned).backward(torch.tensor(grad))
+    assert calls == [1]
+    np.testing.assert_allclose(leaf.grad.double().numpy(), expected, rtol=2e-5, atol=2e-5)
+    assert np.abs(expected).sum() > 0
+    monkeypatch.setattr(module, "_NATIVE_BACKWARD", False)
+    fallback = roi_align_backward(torch.tensor(grad), torch.tensor(feat), torch.tensor(rois), 0.5, sampling, aligned)
+    assert calls == [1]
+    torch.testing.assert_close(fallback, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned,sampling", [(False, 2), (True, 0)])
+def test_native_multilevel_backward_is_one_call_and_thread_count_free(monkeypatch, aligned, sampling):
+    """The multilevel op's float32 gradient is one native call for all levels; it equals the
+    float64 gradient of the PyTorch path at every level, which itself meets the adjoint identity
+    <roi_align(f), g> = <f, grad(g)> with the NumPy reference forward; 1 and 3 threads give the same bits (each image and block of channels is written
+    by one thread, in one order)."""
+    native_cpu = _native()
+    module = importlib.import_module("maskrt.model.ops.roi_align")
+    calls = []
+    original = native_cpu.roi_align_backward
+    monkeypatch.setattr(native_cpu, "roi_align_backward", lambda *args: calls.append(len(args[1])) or original(*args))
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    features = [f.requires_grad_() for f in _fpn_features(2, 20, 256, 320, dtype=torch.float32)]
+    rois = torch.cat([_mixed_size_rois(2, 16, seed=4).float(),
+                      torch.tensor([[[50.0, 40.0, 20.0, 10.0]], [[float("nan"), 2.0, 40.0, 40.0]]])], dim=1)  # inverted; NaN
+    out = multilevel_roi_align(rois, features, scales, 5, 4, sampling, aligned, 224.0, 4)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert calls == [4]
+    reference = module.multilevel_roi_align_backward_eager(grad.double(), rois.double(), [f.detach().double() for f in features],
+                                                           scales, 5, 4, sampling, aligned, 224.0, 4)
+    flat = module._batched_rois(rois).double().numpy()
+    levels = (fpn_level(torch.tensor(flat[:, 1:]), 2, 5) - 2).numpy()
+    grad_rows = grad.reshape(-1, 20, 5, 4).double().numpy()
+    for level, (feature, expected) in enumerate(zip(features, reference)):
+        assert expected.abs().sum() > 0  # every level pooled some RoI
+        torch.testing.assert_close(feature.grad.double(), expected, rtol=1e-5, atol=2e-5)
+        picks = (levels == level) & np.isfinite(flat).all(axis=1)
+        probe = np.random.default_rng(level).standard_normal(tuple(feature.shape))
+        forward = roi_align_ref(probe, flat[picks], 5, 4, scales[level], sampling, aligned)
+        np.testing.assert_allclose((probe * expected.numpy()).sum(), (forward * grad_rows[picks]).sum(), rtol=1e-10)
+    batched = module._batched_rois(rois)
+    kernel_levels = fpn_level(batched[:, 1:], 2, 5) - 2
+    shapes = [tuple(f.shape) for f in features]
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        results.append(original(grad.reshape(-1, 20, 5, 4), shapes, scales, batched, kernel_levels, sampling, aligned))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, f.grad) for a, f in zip(results[0], features))
+
+
+def test_native_backward_leaves_max_mode_and_float64_to_pytorch(monkeypatch):
+    """The native backward is the average mode's, for float32: max pooling and float64 take the
+    PyTorch path (whose gradients the gradchecks above hold)."""
+    native_cpu = _native()
+    monkeypatch.setattr(native_cpu, "roi_align_backward", lambda *args: pytest.fail("the native backward ran"))
+    features = [f.requires_grad_() for f in _fpn_features(1, 2, 128, 128, dtype=torch.float32)]
+    rois = _mixed_size_rois(1, 6, seed=9).float()
+    multilevel_roi_align(rois, features, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, 224.0, 4, "max").sum().backward()
+    feat = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    roi_align(feat, torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]], dtype=torch.float64), 2, 1.0, 2).sum().backward()
+    assert feat.grad.abs().sum() > 0 and features[0].grad is not None
+
+
+def test_native_backward_rejects_bad_arguments():
+    native_cpu = _native()
+    grad = torch.randn(1, 2, 2, 2)
+    with pytest.raises(MaskrtError, match="bad arguments"):  # batch index 1 of a batch of 1
+        native_cpu.roi_align_backward(grad, [(1, 2, 8, 8)], [1.0], torch.tensor([[1.0, 0, 0, 4, 4]]), None, 2, False)
+    with pytest.raises(MaskrtError, match="the maps' C"):  # 2 gradient channels for 3-channel maps
+        native_cpu.roi_align_backward(grad, [(1, 3, 8, 8)], [1.0], torch.tensor([[0.0, 0, 0, 4, 4]]), None, 2, False)

@@ -1,10 +1,11 @@
-"""The native CPU forward of RoIAlign (``native/roi_align_cpu.cpp``) and the native CPU NMS
-(``native/nms_cpu.cpp``), loaded through ctypes.
+"""The native CPU RoIAlign (``native/roi_align_cpu.cpp``: the forward, and the backward of the
+average mode) and the native CPU NMS (``native/nms_cpu.cpp``), loaded through ctypes.
 
-``roi_align`` (``roi_align.py``) calls ``roi_align_forward`` here for float32 CPU work and keeps
-its pure-PyTorch forward as the fallback: where no C++ compiler is present, where the build
-fails, under ``torch.compile`` tracing, or with ``MASKRT_NATIVE_CPU=0``. Both compute the same
-numbers (to float32 rounding; tests hold both to one float64 reference).
+``roi_align`` (``roi_align.py``) calls ``roi_align_forward`` here for float32 CPU work, and
+``roi_align_backward`` for the gradient of float32 CPU average pooling (every training step), and
+keeps its pure-PyTorch forward and backward as the fallback: where no C++ compiler is present,
+where the build fails, under ``torch.compile`` tracing, or with ``MASKRT_NATIVE_CPU=0``. Both
+compute the same numbers (to float32 rounding; tests hold both to one float64 reference).
 
 The library is compiled on first use with the system C++ compiler, like the CPU twin of the
 TensorRT plugin (``maskrt.plugins.cpu``, whose compiler and build-folder rules it shares), into
@@ -88,6 +89,15 @@ def _declare_roi_align(library: ctypes.CDLL) -> None:
         ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,        # aligned, mode, threads
         ctypes.c_void_p,                                       # output [K,C,ph,pw]
     ]
+    backward = library.maskrt_roi_align_backward_cpu
+    backward.restype = ctypes.c_int
+    backward.argtypes = [
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # levels: gradients, shapes, scales
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,      # rois [K,5], roi levels [K] (or NULL), K
+        ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,        # pooled height, width, sampling_ratio
+        ctypes.c_int32, ctypes.c_int32,                        # aligned, threads
+        ctypes.c_void_p,                                       # grad_output [K,C,ph,pw]
+    ]
 
 
 def load_nms_library() -> ctypes.CDLL | None:
@@ -141,6 +151,18 @@ def enabled() -> bool:
     return load_library() is not None
 
 
+def _kernel_levels(levels: Tensor | None, count: int) -> Tensor | None:
+    """levels as the kernels take them: int32, a level outside the maps (fpn_level of a NaN box) -1."""
+    if levels is None:
+        return None
+    return torch.where((levels >= 0) & (levels < count), levels, -1).to(torch.int32).contiguous()
+
+
+def _check_rois(rois: Tensor) -> None:
+    if rois.dtype != torch.float32 or rois.dim() != 2 or rois.shape[1] != 5:
+        raise MaskrtError(f"native RoIAlign takes float32 rois [K,5], got {rois.dtype} {tuple(rois.shape)}")
+
+
 def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float], rois: Tensor, levels: Tensor | None,
                       pooled: tuple[int, int], sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
     """RoIAlign forward of every RoI at its level, in one call.
@@ -157,13 +179,10 @@ def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float
         if feature.dtype != torch.float32 or feature.device.type != "cpu" or feature.dim() != 4:
             raise MaskrtError(f"native RoIAlign takes float32 CPU maps [N,C,H,W], got {feature.dtype} "
                               f"{tuple(feature.shape)} on {feature.device}")
-    if rois.dtype != torch.float32 or rois.dim() != 2 or rois.shape[1] != 5:
-        raise MaskrtError(f"native RoIAlign takes float32 rois [K,5], got {rois.dtype} {tuple(rois.shape)}")
+    _check_rois(rois)
     count = len(features)
     rois = rois.contiguous()
-    if levels is not None:
-        # int32 for the kernel; a level outside the maps (fpn_level of a NaN box) becomes -1 first.
-        levels = torch.where((levels >= 0) & (levels < count), levels, -1).to(torch.int32).contiguous()
+    levels = _kernel_levels(levels, count)
     channels = features[0].shape[1]
     output = torch.empty((rois.shape[0], channels, pooled[0], pooled[1]), dtype=torch.float32, device=rois.device)
     pointers = (ctypes.c_void_p * count)(*[f.data_ptr() for f in features])
@@ -180,3 +199,39 @@ def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float
         raise MaskrtError(f"native RoIAlign: bad arguments (maps {[tuple(f.shape) for f in features]}, "
                           f"rois {tuple(rois.shape)}, output {pooled}, mode {mode!r})")
     return output
+
+
+def roi_align_backward(grad_output: Tensor, shapes: Sequence[Sequence[int]], spatial_scales: Sequence[float],
+                       rois: Tensor, levels: Tensor | None, sampling_ratio: int, aligned: bool) -> list[Tensor]:
+    """Gradient of the average-mode ``roi_align_forward`` w.r.t. every map, in one call.
+
+    grad_output [K,C,ph,pw]; shapes: each map's (N, C, H_l, W_l); rois, levels, spatial_scales,
+    sampling_ratio, aligned as the forward's -> one float32 gradient [N,C,H_l,W_l] per map, in
+    channels-last memory (the kernel adds C-vectors; a consumer that wants NCHW copies it).
+    """
+    library = load_library()
+    if library is None:
+        raise MaskrtError("the native CPU RoIAlign library is not available")
+    _check_rois(rois)
+    if grad_output.dim() != 4 or grad_output.shape[0] != rois.shape[0] or not shapes or any(
+            len(shape) != 4 or int(shape[1]) != grad_output.shape[1] for shape in shapes):
+        raise MaskrtError(f"native RoIAlign backward: grad_output must be [K,C,ph,pw] with the maps' C for "
+                          f"{rois.shape[0]} rois, got {tuple(grad_output.shape)} for maps {[tuple(s) for s in shapes]}")
+    count = len(shapes)
+    grad_output = grad_output.to(torch.float32).contiguous()
+    rois = rois.contiguous()
+    levels = _kernel_levels(levels, count)
+    grads = [torch.zeros((n, h, w, c), dtype=torch.float32) for n, c, h, w in shapes]
+    pointers = (ctypes.c_void_p * count)(*[g.data_ptr() for g in grads])
+    flat_shapes = (ctypes.c_int64 * (4 * count))(*[int(v) for shape in shapes for v in shape])
+    scales = (ctypes.c_float * count)(*[float(s) for s in spatial_scales])
+    status = library.maskrt_roi_align_backward_cpu(
+        count, pointers, flat_shapes, scales, rois.data_ptr(), None if levels is None else levels.data_ptr(),
+        rois.shape[0], grad_output.shape[2], grad_output.shape[3], int(sampling_ratio), int(aligned),
+        torch.get_num_threads(), grad_output.data_ptr())
+    if status == 2:
+        raise MaskrtError("native RoIAlign backward: out of memory")
+    if status != 0:
+        raise MaskrtError(f"native RoIAlign backward: bad arguments (maps {[tuple(s) for s in shapes]}, "
+                          f"rois {tuple(rois.shape)}, grad_output {tuple(grad_output.shape)})")
+    return [g.permute(0, 3, 1, 2) for g in grads]

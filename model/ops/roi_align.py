@@ -17,9 +17,11 @@ the backward rebuilds the same sample plans and ``index_add``s into one buffer, 
 autograd through every chunk's gather would allocate a map-sized buffer per chunk.
 
 float32 CPU forwards (``roi_align``, and ``multilevel_roi_align_eager`` in one call for all
-levels) run the native kernel of ``native_cpu.py`` (``native/roi_align_cpu.cpp``) where it
-builds; the vectorised PyTorch forward above is the fallback and computes the same numbers
-(to float32 rounding). docs/performance.md has the measurements.
+levels) and the gradients of float32 CPU average pooling (``roi_align_backward``,
+``multilevel_roi_align_backward_eager``) run the native kernels of ``native_cpu.py``
+(``native/roi_align_cpu.cpp``) where they build; the vectorised PyTorch forward and backward
+above are the fallback and compute the same numbers (to float32 rounding).
+docs/performance.md has the measurements.
 """
 from __future__ import annotations
 
@@ -46,9 +48,11 @@ ADAPTIVE_GRID_MAX = 64
 # (tests switch it off to check both forms against the same references).
 _WINDOW_FORM = True
 
-# float32 CPU forwards run the native kernel (native_cpu.py) where it loads; tests switch it off
-# to hold the pure-PyTorch path, the fallback, to the same references.
+# float32 CPU forwards and average-mode backwards run the native kernels (native_cpu.py) where
+# they load; tests switch them off to hold the pure-PyTorch path, the fallback, to the same
+# references (_NATIVE_CPU both, _NATIVE_BACKWARD the backward alone; bench/train_steps.py too).
 _NATIVE_CPU = True
+_NATIVE_BACKWARD = True
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
@@ -469,6 +473,10 @@ def _roi_align_backward(grad_output: Tensor, input: Tensor, boxes: Tensor | Sequ
                         sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
     rois, (ph, pw), compute = _prepare(input, boxes, tuple(grad_output.shape[-2:]), mode)
     n, channels, height, width = input.shape
+    if mode == "avg" and rois.shape[0] and _NATIVE_BACKWARD and _native_applies(compute, [input]):
+        grad = native_cpu.roi_align_backward(grad_output, [tuple(input.shape)], [spatial_scale], rois, None,
+                                             sampling_ratio, aligned)[0]
+        return grad.contiguous().to(input.dtype)
     grad_rows = torch.zeros((n * height * width, channels), dtype=compute, device=input.device)
     if rois.shape[0] == 0 or channels == 0:
         return grad_rows.view(n, height, width, channels).permute(0, 3, 1, 2).to(input.dtype)
@@ -804,6 +812,11 @@ def multilevel_roi_align_backward_eager(
     k_min, k_max = _levels_from_scales(spatial_scales)
     levels = fpn_level(rois.reshape(b * r, 4), k_min, k_max, canonical_scale, canonical_level) - k_min
     grad_flat = grad_output.reshape(b * r, features[0].shape[1], output_height, output_width)
+    if mode == "avg" and _NATIVE_BACKWARD and _native_applies(_compute_dtype(features[0].dtype), features):
+        # One native call spreads every RoI's gradient at its level.
+        grads = native_cpu.roi_align_backward(grad_flat, [tuple(f.shape) for f in features], spatial_scales,
+                                              flat.detach().to(torch.float32), levels, sampling_ratio, aligned)
+        return [g.to(f.dtype) for g, f in zip(grads, features)]
     grads = []
     for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
         idx = torch.where(levels == level)[0]

@@ -1,4 +1,5 @@
-// roi_align_cpu.cpp: the native CPU forward of maskrt's RoIAlign (model/ops/roi_align.py).
+// roi_align_cpu.cpp: the native CPU forward of maskrt's RoIAlign (model/ops/roi_align.py), and the
+// backward of its average mode (the gradient every training step takes).
 //
 // torchvision's RoIAlign semantics (roi_align_kernel.cpp; restated in plugins/README.md, "The
 // MultilevelRoIAlign contract"): per RoI, per output bin, the average (mode 0) or maximum (mode 1)
@@ -15,7 +16,14 @@
 // - any other layout (NCHW): the window of cells a RoI reads is copied into a channels-last scratch
 //   first, so only the cells the RoIs touch are transposed, not the whole map.
 //
-// Plain C++17 with a C entry point; no torch headers, called through ctypes.
+// The backward (average mode) spreads each bin's gradient, times each tap's bilinear weight / the
+// bin's sample count, onto the 4 corners of its taps in a channels-last gradient buffer: the same
+// sample plan as the forward, one vectorised multiply-add over the channels per corner. Threads
+// split the work by image and by block of channels, so no two threads write one cell and every
+// cell sums its terms in one fixed order (RoI, bin, tap, corner): the result does not depend on
+// the thread count.
+//
+// Plain C++17 with C entry points; no torch headers, called through ctypes.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -313,6 +321,96 @@ void pool_roi(const Problem& p, int64_t k, Scratch& scratch) {
   pool_channels_last(p, window, samples, scratch, out);
 }
 
+// The gradient of one RoI's bins, channels [c0, c1), spread onto `image`: the RoI's image in a
+// channels-last gradient buffer [H, W, C]. grad_roi: the RoI's output gradient [C, bins].
+MASKRT_VECTOR_CLONES
+void spread_channels_last(const Problem& p, int64_t samples, const float* grad_roi, int64_t c0, int64_t c1,
+                          float* image, Scratch& scratch) {
+  const int64_t bins = static_cast<int64_t>(p.pooled_height) * p.pooled_width;
+  const int64_t width = c1 - c0;
+  scratch.accumulator.resize(static_cast<size_t>(bins * width));
+  float* grad_bins = scratch.accumulator.data();  // [bins, width]: the vector each tap scales
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t bin = 0; bin < bins; ++bin) grad_bins[bin * width + (c - c0)] = grad_roi[c * bins + bin];
+  }
+  const float count = static_cast<float>(samples > 1 ? samples : 1);
+  for (int64_t bin = 0; bin < bins; ++bin) {
+    const float* __restrict g = grad_bins + bin * width;
+    const int32_t first = scratch.bin_start[static_cast<size_t>(bin)];
+    const int32_t last = scratch.bin_start[static_cast<size_t>(bin + 1)];
+    for (int32_t t = first; t < last; ++t) {
+      const Tap& tap = scratch.taps[static_cast<size_t>(t)];
+      // One loop per corner: at the map's last row or column two corners are the same cell.
+      for (int corner = 0; corner < 4; ++corner) {
+        const float w = tap.weight[corner] / count;
+        float* __restrict target = image + tap.offset[corner] + c0;
+        for (int64_t c = 0; c < width; ++c) target[c] += w * g[c];
+      }
+    }
+  }
+}
+
+void spread_roi(const Problem& p, float* const* grads, const float* grad_output, int64_t k, int64_t c0, int64_t c1,
+                Scratch& scratch) {
+  const float* roi = p.rois + k * 5;
+  const int32_t level = p.roi_levels ? p.roi_levels[k] : 0;
+  // No level or a non-finite coordinate: the output was 0, the gradient is 0.
+  const int64_t samples = level >= 0 && level < p.num_levels ? plan_axes(p, p.levels[level], roi, scratch) : -1;
+  if (samples < 0) return;
+  const Level& map = p.levels[level];
+  const int64_t grid_h = static_cast<int64_t>(scratch.ys.size()) / p.pooled_height;
+  const int64_t grid_w = static_cast<int64_t>(scratch.xs.size()) / p.pooled_width;
+  plan_taps(p, grid_h, grid_w, map.stride_h, map.stride_w, 0, 0, scratch);
+  const int64_t bins = static_cast<int64_t>(p.pooled_height) * p.pooled_width;
+  float* image = grads[level] + static_cast<int64_t>(roi[0]) * map.stride_n;
+  spread_channels_last(p, samples, grad_output + k * p.channels * bins, c0, c1, image, scratch);
+}
+
+// Fills p's shape fields and levels from the entry points' arrays; false for a bad argument.
+bool read_levels(Problem& p, int32_t num_levels, const float* const* data, const int64_t* shapes,
+                 const int64_t* strides, const float* spatial_scales) {
+  p.num_levels = num_levels;
+  p.batch = shapes[0];
+  p.channels = shapes[1];
+  for (int32_t l = 0; l < num_levels; ++l) {
+    const int64_t* shape = shapes + 4 * l;
+    const int64_t* stride = strides + 4 * l;
+    if (shape[0] != p.batch || shape[1] != p.channels || shape[2] < 1 || shape[3] < 1) return false;
+    p.levels[l] = Level{data[l], shape[2], shape[3], stride[0], stride[1], stride[2], stride[3], spatial_scales[l]};
+  }
+  return p.batch >= 0 && p.channels >= 0;
+}
+
+bool batch_indices_valid(const float* rois, int64_t num_rois, int64_t batch) {
+  for (int64_t k = 0; k < num_rois; ++k) {
+    const float index = rois[k * 5];
+    if (!(index >= 0.0f && static_cast<int64_t>(index) < batch)) return false;
+  }
+  return true;
+}
+
+// Runs work() on up to `threads` threads (this one included); false if it ran out of memory.
+template <typename Work>
+bool run_threads(int64_t threads, Work work) {
+  std::atomic<bool> failed{false};
+  auto guarded = [&]() {
+    try {
+      work();
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> helpers;
+  try {
+    for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(guarded);
+  } catch (...) {
+    // no more threads: the ones started (and this one) do the work
+  }
+  guarded();
+  for (std::thread& helper : helpers) helper.join();
+  return !failed;
+}
+
 }  // namespace
 
 // inputs: num_levels maps; shapes [num_levels, 4] (N, C, H, W; one N and C for all), strides
@@ -329,25 +427,13 @@ extern "C" int maskrt_roi_align_forward_cpu(int32_t num_levels, const float* con
     return 1;
   }
   Problem p{};
-  p.num_levels = num_levels;
-  p.batch = shapes[0];
-  p.channels = shapes[1];
-  for (int32_t l = 0; l < num_levels; ++l) {
-    const int64_t* shape = shapes + 4 * l;
-    const int64_t* stride = strides + 4 * l;
-    if (shape[0] != p.batch || shape[1] != p.channels || shape[2] < 1 || shape[3] < 1) return 1;
-    p.levels[l] = Level{inputs[l], shape[2], shape[3], stride[0], stride[1], stride[2], stride[3], spatial_scales[l]};
-  }
-  if (p.batch < 0 || p.channels < 0) return 1;
+  if (!read_levels(p, num_levels, inputs, shapes, strides, spatial_scales)) return 1;
   if (num_rois == 0 || p.channels == 0) return 0;
   if (rois == nullptr || output == nullptr) return 1;
   for (int32_t l = 0; l < num_levels; ++l) {
     if (p.levels[l].data == nullptr) return 1;
   }
-  for (int64_t k = 0; k < num_rois; ++k) {
-    const float index = rois[k * 5];
-    if (!(index >= 0.0f && static_cast<int64_t>(index) < p.batch)) return 1;
-  }
+  if (!batch_indices_valid(rois, num_rois, p.batch)) return 1;
   p.rois = rois;
   p.roi_levels = roi_levels;
   p.num_rois = num_rois;
@@ -361,28 +447,80 @@ extern "C" int maskrt_roi_align_forward_cpu(int32_t num_levels, const float* con
   // Dynamic blocks of RoIs: RoI sizes vary by orders of magnitude under adaptive sampling.
   constexpr int64_t kBlock = 4;
   std::atomic<int64_t> next{0};
-  std::atomic<bool> failed{false};
   auto work = [&]() {
-    try {
-      Scratch scratch;
-      for (;;) {
-        const int64_t start = next.fetch_add(kBlock);
-        if (start >= num_rois) break;
-        const int64_t stop = std::min(start + kBlock, num_rois);
-        for (int64_t k = start; k < stop; ++k) pool_roi(p, k, scratch);
-      }
-    } catch (const std::bad_alloc&) {
-      failed = true;
+    Scratch scratch;
+    for (;;) {
+      const int64_t start = next.fetch_add(kBlock);
+      if (start >= num_rois) break;
+      const int64_t stop = std::min(start + kBlock, num_rois);
+      for (int64_t k = start; k < stop; ++k) pool_roi(p, k, scratch);
     }
   };
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, (num_rois + kBlock - 1) / kBlock));
-  std::vector<std::thread> helpers;
-  try {
-    for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  } catch (...) {
-    // no more threads: the ones started (and this one) do the work
+  return run_threads(threads, work) ? 0 : 2;
+}
+
+// The gradient of the average-mode forward above with respect to its maps. grads: num_levels
+// buffers, each a map's gradient in channels-last order [N, H_l, W_l, C], zero-filled by the
+// caller and added to here; shapes [num_levels, 4] (N, C, H, W of each map), spatial_scales,
+// rois, roi_levels, the pooling arguments and the thread count as in the forward; grad_output
+// [K, C, ph, pw] contiguous. Returns 0, 1 for a bad argument, 2 when out of memory.
+extern "C" int maskrt_roi_align_backward_cpu(int32_t num_levels, float* const* grads, const int64_t* shapes,
+                                             const float* spatial_scales, const float* rois,
+                                             const int32_t* roi_levels, int64_t num_rois, int32_t pooled_height,
+                                             int32_t pooled_width, int32_t sampling_ratio, int32_t aligned,
+                                             int32_t num_threads, const float* grad_output) {
+  if (num_levels < 1 || num_levels > kMaxLevels || grads == nullptr || shapes == nullptr ||
+      spatial_scales == nullptr || num_rois < 0 || pooled_height < 1 || pooled_width < 1) {
+    return 1;
   }
-  work();
-  for (std::thread& helper : helpers) helper.join();
-  return failed ? 2 : 0;
+  // The gradient buffers' channels-last strides, in elements.
+  int64_t strides[4 * kMaxLevels];
+  for (int32_t l = 0; l < num_levels; ++l) {
+    const int64_t channels = shapes[4 * l + 1], height = shapes[4 * l + 2], width = shapes[4 * l + 3];
+    strides[4 * l] = height * width * channels;
+    strides[4 * l + 1] = 1;
+    strides[4 * l + 2] = width * channels;
+    strides[4 * l + 3] = channels;
+  }
+  Problem p{};
+  if (!read_levels(p, num_levels, grads, shapes, strides, spatial_scales)) return 1;
+  if (num_rois == 0 || p.channels == 0) return 0;
+  if (rois == nullptr || grad_output == nullptr) return 1;
+  for (int32_t l = 0; l < num_levels; ++l) {
+    if (grads[l] == nullptr) return 1;
+  }
+  if (!batch_indices_valid(rois, num_rois, p.batch)) return 1;
+  p.rois = rois;
+  p.roi_levels = roi_levels;
+  p.num_rois = num_rois;
+  p.pooled_height = pooled_height;
+  p.pooled_width = pooled_width;
+  p.sampling_ratio = sampling_ratio;
+  p.aligned = aligned;
+  p.mode = 0;
+
+  // Work units: (image, block of channels). Images write disjoint buffers and blocks disjoint
+  // channels; blocks only where there are more threads than images, at least 16 channels each.
+  const int64_t threads = std::max<int32_t>(1, num_threads);
+  const int64_t most_blocks = std::max<int64_t>(1, p.channels / 16);
+  const int64_t blocks = std::min(most_blocks, std::max<int64_t>(1, (threads + p.batch - 1) / std::max<int64_t>(1, p.batch)));
+  const int64_t block_width = (p.channels + blocks - 1) / blocks;
+  const int64_t units = p.batch * blocks;
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    Scratch scratch;
+    for (;;) {
+      const int64_t unit = next.fetch_add(1);
+      if (unit >= units) break;
+      const int64_t image = unit / blocks;
+      const int64_t c0 = (unit % blocks) * block_width;
+      const int64_t c1 = std::min(p.channels, c0 + block_width);
+      if (c0 >= c1) continue;
+      for (int64_t k = 0; k < num_rois; ++k) {
+        if (static_cast<int64_t>(rois[k * 5]) == image) spread_roi(p, grads, grad_output, k, c0, c1, scratch);
+      }
+    }
+  };
+  return run_threads(std::min(threads, units), work) ? 0 : 2;
 }
