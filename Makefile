@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.maskrt-installed
 
-.PHONY: demo test setup bench clean plugin gpu-check gpu-wheels
+.PHONY: demo test setup bench clean plugin gpu-check gpu-wheels torchvision-env
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ bench: $(STAMP)
 
 plugin: $(STAMP)
 	$(VENV)/bin/maskrt plugin build
+
+# torchvision itself, for the side-by-side benchmarks only (docs/performance.md, "Against
+# torchvision itself"): it does not load beside torch 2.13, so it gets an environment of its own
+# (~5.5 GB; on this workplace's x86 machines both wheels come from the local disk). Never needed
+# by maskrt, its demo or its tests.
+TV_VENV ?= .tvenv
+torchvision-env:
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy
 
 # On a machine with an NVIDIA GPU (docs/gpu.md): its own python3 and PyTorch, no .venv (the
 # .venv's torch is the CPU wheel). Installs the project --no-deps when it is not importable.

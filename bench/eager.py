@@ -2,6 +2,7 @@
 measured side by side in one run (the variants interleaved round by round).
 
     .venv/bin/python bench/eager.py [--preset r50_fpn] [--size 512] [--rounds 3] [--threads 2] [--clock wall|cpu]
+                                    [--torchvision-python tvenv/bin/python]
 
 Variants:
 - before: frozen BN as a separate scale-and-shift after each conv, RoIAlign forward on the
@@ -14,9 +15,16 @@ Variants:
   (``backbone.fused_conv``): the model's default;
 - torchvision (stand-in): torchvision's forward estimated from parts that run here (see
   ``TorchvisionStandIn``).
-Random weights (``build_model``), one random image, the preset's own detection count (r50_fpn:
-100 detections, masks computed for all of them). Prints min / median seconds per variant and
-the ratios of medians to ``before`` and to the torchvision stand-in.
+- torchvision: torchvision itself (``maskrcnn_resnet50_fpn``), with ``--torchvision-python``: an
+  interpreter of an environment where torchvision loads (torch 2.14.1 + torchvision 0.29.1;
+  see ``bench/torchvision_worker.py``), driven round by round beside ours. Every variant then
+  runs torchvision's own random weights, converted by ``from_torchvision``, with the score
+  threshold at 0 on both sides (100 detections from random weights), and the detections of
+  ours and torchvision's are compared.
+Otherwise random weights (``build_model``). One random image, the preset's own detection count
+(r50_fpn: 100 detections, masks computed for all of them). Prints min / median seconds per
+variant and the ratios of medians to ``before`` and to torchvision (itself where given, else
+the stand-in).
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import contextlib
 import importlib
 import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +43,7 @@ import torch
 from maskrt.model import backbone, mask_rcnn
 from maskrt.model.ops import native_cpu
 from maskrt.model.presets import build_model
+from torchvision_client import TorchvisionWorker  # bench/, beside this script
 
 _roi_align_module = importlib.import_module("maskrt.model.ops.roi_align")
 _nms_module = importlib.import_module("maskrt.model.ops.nms")
@@ -167,6 +178,26 @@ class TorchvisionStandIn:
             ops.multilevel_roi_align, ops.nms_padded, mask_rcnn.postprocess = saved
 
 
+def _compare_detections(ours: dict, theirs: dict) -> str:
+    """Ours vs torchvision's detections on the same image. Random weights give near-tied scores,
+    so the two orders differ: each of our detections is paired with torchvision's of the same
+    label whose box is nearest (largest coordinate difference), and its mask compared there."""
+    boxes, labels = ours["boxes"].numpy(), ours["labels"].numpy()
+    their_boxes, their_labels = theirs["boxes"], theirs["labels"]
+    if len(boxes) == 0 or len(their_boxes) == 0:
+        return f"{len(boxes)} vs {len(their_boxes)} detections"
+    distance = np.abs(boxes[:, None, :] - their_boxes[None, :, :]).max(axis=2)
+    distance[labels[:, None] != their_labels[None, :]] = np.inf
+    nearest = distance.argmin(axis=1)
+    gaps = distance[np.arange(len(boxes)), nearest]
+    masks = ours["masks"].numpy()[:, 0] > 0.5
+    their_masks = theirs["masks"][nearest][:, 0] > 0.5
+    union = np.logical_or(masks, their_masks).sum()
+    agreement = np.logical_and(masks, their_masks).sum() / max(int(union), 1)
+    return (f"{len(boxes)} vs {len(their_boxes)} detections; each of ours paired with the nearest of the same label: "
+            f"largest box difference {gaps.max():.2e} px, mask IoU over all pairs {agreement:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="r50_fpn", help="model preset (r50_fpn or edge)")
@@ -178,12 +209,32 @@ def main() -> None:
                         help="wall: elapsed seconds; cpu: this process's CPU seconds (all threads), less "
                              "sensitive to other jobs on a shared machine (use with --threads 1)")
     parser.add_argument("--only", action="store_true",
-                        help="time only the torchvision stand-in and the default (faster, for repeated runs)")
+                        help="time only torchvision (or its stand-in) and the default (faster, for repeated runs)")
+    parser.add_argument("--torchvision-python", default=None,
+                        help="python of an environment where torchvision loads: time torchvision itself "
+                             "(r50_fpn only; bench/torchvision_worker.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.preset, args.classes, min_size=args.size, max_size=args.size).eval()
     image = torch.rand(3, args.size, args.size)
+    folder = Path(tempfile.mkdtemp(prefix="maskrt-eager-"))
+    itself = None
+    if args.torchvision_python:
+        if args.preset != "r50_fpn":
+            parser.error("--torchvision-python compares the r50_fpn preset (torchvision's maskrcnn_resnet50_fpn)")
+        from maskrt.model.convert import from_torchvision
+
+        itself = TorchvisionWorker(args.torchvision_python, args.threads)
+        weights = folder / "torchvision_maskrcnn.pt"
+        itself.ask({"op": "build_maskrcnn", "size": args.size, "seed": 0, "weights_out": str(weights)})
+        state = torch.load(weights, weights_only=True)
+        model = from_torchvision(state, min_size=args.size, max_size=args.size, box_score_thresh=0.0).eval()
+        image_file = folder / "image.npy"
+        np.save(image_file, image.numpy())
+        print(f"torchvision itself: torch {itself.versions['torch']}, torchvision {itself.versions['torchvision']} "
+              f"({args.torchvision_python}); its random weights converted by from_torchvision, score threshold 0")
+    else:
+        model = build_model(args.preset, args.classes, min_size=args.size, max_size=args.size).eval()
 
     standin = TorchvisionStandIn(channels=256)
     variants = {  # name: a context in which model([image]) runs that variant
@@ -194,8 +245,11 @@ def main() -> None:
         "+ channels-last": lambda: _levers(True, True, True, True),
         "default (+ fused convs)": lambda: _levers(True, True, True, True, True),
     }
+    if itself is not None:
+        variants = {"torchvision": None, **variants}
     if args.only:
-        variants = {name: variants[name] for name in variants if name in ("torchvision (stand-in)", "default (+ fused convs)")}
+        keep = ("torchvision", "default (+ fused convs)") if itself else ("torchvision (stand-in)", "default (+ fused convs)")
+        variants = {name: variants[name] for name in variants if name in keep}
     print(f"torch {torch.__version__}, threads {args.threads}, preset {args.preset}, {args.size} px, "
           f"{args.rounds} interleaved rounds, {args.clock} clock, native RoIAlign {'available' if native_cpu.enabled() else 'UNAVAILABLE'}")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -203,6 +257,10 @@ def main() -> None:
     reference = None
     with torch.no_grad():
         for name, variant in variants.items():  # warm-up, and the outputs agree
+            if variant is None:  # torchvision itself
+                itself.ask({"op": "run_maskrcnn", "image": str(image_file), "clock": args.clock,
+                            "out": str(folder / "torchvision.npz")})
+                continue
             with variant():
                 result = model([image])[0]
             if reference is None:
@@ -211,18 +269,28 @@ def main() -> None:
                 worst = max((float((result[key].float() - reference[key].float()).abs().max())
                              for key in ("boxes", "scores", "masks") if result[key].numel()), default=0.0)
                 print(f"  {name}: {len(result['boxes'])} detections, largest difference to the first {worst:.2e}")
+        if itself is not None:
+            with _levers(True, True, True, True, True):
+                print(f"  ours (default) vs torchvision: "
+                      f"{_compare_detections(model([image])[0], dict(np.load(folder / 'torchvision.npz')))}")
         for _ in range(args.rounds):
             for name, variant in variants.items():
+                if variant is None:
+                    times[name].append(itself.seconds({"op": "run_maskrcnn", "image": str(image_file),
+                                                       "clock": args.clock, "out": None}))
+                    continue
                 with variant():
                     start = clock()
                     model([image])
                     times[name].append(clock() - start)
-    torchvision = statistics.median(times["torchvision (stand-in)"])
+    if itself is not None:
+        itself.close()
+    torchvision = statistics.median(times["torchvision" if itself else "torchvision (stand-in)"])
     before = statistics.median(times["before"]) if "before" in times else float("nan")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:26s} min {min(values):6.3f} s  median {median:6.3f} s  median/before {median / before:5.2f}  "
-              f"median/torchvision {median / torchvision:5.2f}")
+              f"median/{'torchvision' if itself else 'stand-in'} {median / torchvision:5.2f}")
 
 
 if __name__ == "__main__":
