@@ -62,6 +62,11 @@ def test_ops_pass_torch_library_opcheck():
     features = _features(2, channels=2, size=64, requires_grad=True)
     rois = _rois(2, 5) * 0.5
     torch.library.opcheck(torch.ops.maskrt.multilevel_roi_align.default, (rois, features, SCALES, 3, 3, 2, False, 224.0, 4, "avg"))
+    # The backward op (native for float32 avg on the CPU): its outputs' strides match its fake's.
+    grad = torch.randn(2, 5, 2, 3, 3)
+    for mode in ("avg", "max"):
+        torch.library.opcheck(torch.ops.maskrt.multilevel_roi_align_backward.default,
+                              (grad, rois, [f.detach() for f in features], SCALES, 3, 3, 2, False, 224.0, 4, mode))
     boxes, scores, groups = _detections(2, 20)
     torch.library.opcheck(torch.ops.maskrt.nms_padded.default, (boxes, scores, groups, 0.5, 0.05, 8))
 

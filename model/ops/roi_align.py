@@ -816,7 +816,8 @@ def multilevel_roi_align_backward_eager(
         # One native call spreads every RoI's gradient at its level.
         grads = native_cpu.roi_align_backward(grad_flat, [tuple(f.shape) for f in features], spatial_scales,
                                               flat.detach().to(torch.float32), levels, sampling_ratio, aligned)
-        return [g.to(f.dtype) for g, f in zip(grads, features)]
+        # NCHW like the fallback's and the op's registered fake: traced graphs rely on the strides.
+        return [g.contiguous().to(f.dtype) for g, f in zip(grads, features)]
     grads = []
     for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
         idx = torch.where(levels == level)[0]
