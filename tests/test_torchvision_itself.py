@@ -91,8 +91,9 @@ def test_fpn_pooler_and_its_gradient_equal_multiscale_roi_align(worker, tmp_path
 
 def test_converted_mask_rcnn_detects_as_torchvision(worker, tmp_path):
     """torchvision's maskrcnn_resnet50_fpn (random weights, score threshold 0: 100 detections)
-    converted by from_torchvision gives torchvision's detections: each of ours has a torchvision
-    detection of the same label within 0.05 px, with the same binarised mask."""
+    converted by from_torchvision gives torchvision's detections: all but at most 2 of ours (the
+    cut at 100 among near-tied random scores may keep a different last one) have a torchvision
+    detection of the same label within 0.05 px and score 1e-4, with the same binarised mask."""
     from maskrt.model.convert import from_torchvision
 
     size = 320
@@ -111,9 +112,9 @@ def test_converted_mask_rcnn_detects_as_torchvision(worker, tmp_path):
     distance = np.abs(ours["boxes"].numpy()[:, None] - theirs["boxes"][None]).max(axis=2)
     distance[ours["labels"].numpy()[:, None] != theirs["labels"][None]] = np.inf
     nearest = distance.argmin(axis=1)
-    assert distance[np.arange(100), nearest].max() < 0.05
-    assert len(set(nearest.tolist())) == 100  # one to one
-    np.testing.assert_allclose(ours["scores"].numpy(), np.sort(theirs["scores"][nearest])[::-1], rtol=0, atol=1e-4)
-    ours_masks = ours["masks"].numpy()[:, 0] > 0.5
-    their_masks = theirs["masks"][nearest][:, 0] > 0.5
-    assert (ours_masks != their_masks).sum() <= 1e-4 * ours_masks.size
+    paired = distance[np.arange(100), nearest] < 0.05
+    assert paired.sum() >= 98 and len(set(nearest[paired].tolist())) == paired.sum()  # one to one
+    np.testing.assert_allclose(ours["scores"].numpy()[paired], theirs["scores"][nearest[paired]], rtol=0, atol=1e-4)
+    ours_masks = ours["masks"].numpy()[paired, 0] > 0.5
+    their_masks = theirs["masks"][nearest[paired], 0] > 0.5
+    assert ours_masks.any() and (ours_masks != their_masks).sum() <= 1e-4 * ours_masks.size
