@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=float, help="training length in epochs")
     budget.add_argument("--minutes", type=float, help="training length in wall-clock minutes")
     budget.add_argument("--steps", type=int, help="training length in optimiser steps (the same run on a loaded or "
-                        "idle machine; the edge preset's 10 minutes on the idle 2-core CPU: 3,950 steps)")
+                        "idle machine; the edge preset's 10 minutes on the idle 2-core CPU: 4,190 steps)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl")
     train.add_argument("--weights", help="initial weights (maskrt .safetensors)")
     train.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
