@@ -158,6 +158,14 @@ def _kernel_levels(levels: Tensor | None, count: int) -> Tensor | None:
     return torch.where((levels >= 0) & (levels < count), levels, -1).to(torch.int32).contiguous()
 
 
+def _check_status(status: int, what: str, arguments: str) -> None:
+    """The RoIAlign kernels' return codes: 0 done, 1 a bad argument, 2 out of memory."""
+    if status == 2:
+        raise MaskrtError(f"{what}: out of memory")
+    if status != 0:
+        raise MaskrtError(f"{what}: bad arguments ({arguments})")
+
+
 def _check_rois(rois: Tensor) -> None:
     if rois.dtype != torch.float32 or rois.dim() != 2 or rois.shape[1] != 5:
         raise MaskrtError(f"native RoIAlign takes float32 rois [K,5], got {rois.dtype} {tuple(rois.shape)}")
@@ -193,11 +201,8 @@ def roi_align_forward(features: Sequence[Tensor], spatial_scales: Sequence[float
         count, pointers, shapes, strides, scales, rois.data_ptr(), None if levels is None else levels.data_ptr(),
         rois.shape[0], pooled[0], pooled[1], int(sampling_ratio), int(aligned), _MODE_CODES[mode],
         torch.get_num_threads(), output.data_ptr())
-    if status == 2:
-        raise MaskrtError("native RoIAlign: out of memory")
-    if status != 0:
-        raise MaskrtError(f"native RoIAlign: bad arguments (maps {[tuple(f.shape) for f in features]}, "
-                          f"rois {tuple(rois.shape)}, output {pooled}, mode {mode!r})")
+    _check_status(status, "native RoIAlign", f"maps {[tuple(f.shape) for f in features]}, rois {tuple(rois.shape)}, "
+                                             f"output {pooled}, mode {mode!r}")
     return output
 
 
@@ -229,9 +234,6 @@ def roi_align_backward(grad_output: Tensor, shapes: Sequence[Sequence[int]], spa
         count, pointers, flat_shapes, scales, rois.data_ptr(), None if levels is None else levels.data_ptr(),
         rois.shape[0], grad_output.shape[2], grad_output.shape[3], int(sampling_ratio), int(aligned),
         torch.get_num_threads(), grad_output.data_ptr())
-    if status == 2:
-        raise MaskrtError("native RoIAlign backward: out of memory")
-    if status != 0:
-        raise MaskrtError(f"native RoIAlign backward: bad arguments (maps {[tuple(s) for s in shapes]}, "
-                          f"rois {tuple(rois.shape)}, grad_output {tuple(grad_output.shape)})")
+    _check_status(status, "native RoIAlign backward", f"maps {[tuple(s) for s in shapes]}, rois {tuple(rois.shape)}, "
+                                                      f"grad_output {tuple(grad_output.shape)}")
     return [g.permute(0, 3, 1, 2) for g in grads]

@@ -381,11 +381,21 @@ bool read_levels(Problem& p, int32_t num_levels, const float* const* data, const
   return p.batch >= 0 && p.channels >= 0;
 }
 
-bool batch_indices_valid(const float* rois, int64_t num_rois, int64_t batch) {
+// Fills p's RoI and pooling fields; false when a RoI's batch index is outside [0, N).
+bool set_rois(Problem& p, const float* rois, const int32_t* roi_levels, int64_t num_rois, int32_t pooled_height,
+              int32_t pooled_width, int32_t sampling_ratio, int32_t aligned, int32_t mode) {
   for (int64_t k = 0; k < num_rois; ++k) {
     const float index = rois[k * 5];
-    if (!(index >= 0.0f && static_cast<int64_t>(index) < batch)) return false;
+    if (!(index >= 0.0f && static_cast<int64_t>(index) < p.batch)) return false;
   }
+  p.rois = rois;
+  p.roi_levels = roi_levels;
+  p.num_rois = num_rois;
+  p.pooled_height = pooled_height;
+  p.pooled_width = pooled_width;
+  p.sampling_ratio = sampling_ratio;
+  p.aligned = aligned;
+  p.mode = mode;
   return true;
 }
 
@@ -433,15 +443,7 @@ extern "C" int maskrt_roi_align_forward_cpu(int32_t num_levels, const float* con
   for (int32_t l = 0; l < num_levels; ++l) {
     if (p.levels[l].data == nullptr) return 1;
   }
-  if (!batch_indices_valid(rois, num_rois, p.batch)) return 1;
-  p.rois = rois;
-  p.roi_levels = roi_levels;
-  p.num_rois = num_rois;
-  p.pooled_height = pooled_height;
-  p.pooled_width = pooled_width;
-  p.sampling_ratio = sampling_ratio;
-  p.aligned = aligned;
-  p.mode = mode;
+  if (!set_rois(p, rois, roi_levels, num_rois, pooled_height, pooled_width, sampling_ratio, aligned, mode)) return 1;
   p.output = output;
 
   // Dynamic blocks of RoIs: RoI sizes vary by orders of magnitude under adaptive sampling.
@@ -490,15 +492,7 @@ extern "C" int maskrt_roi_align_backward_cpu(int32_t num_levels, float* const* g
   for (int32_t l = 0; l < num_levels; ++l) {
     if (grads[l] == nullptr) return 1;
   }
-  if (!batch_indices_valid(rois, num_rois, p.batch)) return 1;
-  p.rois = rois;
-  p.roi_levels = roi_levels;
-  p.num_rois = num_rois;
-  p.pooled_height = pooled_height;
-  p.pooled_width = pooled_width;
-  p.sampling_ratio = sampling_ratio;
-  p.aligned = aligned;
-  p.mode = 0;
+  if (!set_rois(p, rois, roi_levels, num_rois, pooled_height, pooled_width, sampling_ratio, aligned, 0)) return 1;
 
   // Work units: (image, block of channels). Images write disjoint buffers and blocks disjoint
   // channels; blocks only where there are more threads than images, at least 16 channels each.
