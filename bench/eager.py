@@ -217,7 +217,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image = torch.rand(3, args.size, args.size)
-    folder = Path(tempfile.mkdtemp(prefix="maskrt-eager-"))
+    # torchvision's weights, the image and its detections (~300 MB at 512 px); removed at exit.
+    scratch = tempfile.TemporaryDirectory(prefix="maskrt-eager-")
+    folder = Path(scratch.name)
     itself = None
     if args.torchvision_python:
         if args.preset != "r50_fpn":

@@ -71,10 +71,11 @@ def _torchvision_case(worker: TorchvisionWorker | None, case: dict, ours: torch.
     its forward against `ours`, and returns its timed variants ({} without a worker)."""
     if worker is None:
         return {}
-    folder = Path(tempfile.mkdtemp(prefix="maskrt-ops-"))
-    np.savez(folder / "case.npz", **case)
-    worker.ask({"op": "roi_setup", "inputs": str(folder / "case.npz"), "out": str(folder / "out.npz")})
-    theirs = np.load(folder / "out.npz")["output"]
+    with tempfile.TemporaryDirectory(prefix="maskrt-ops-") as name:  # the worker keeps the arrays in memory
+        folder = Path(name)
+        np.savez(folder / "case.npz", **case)
+        worker.ask({"op": "roi_setup", "inputs": str(folder / "case.npz"), "out": str(folder / "out.npz")})
+        theirs = np.load(folder / "out.npz")["output"]
     difference = float(np.abs(ours.reshape(theirs.shape).numpy() - theirs).max())
     print(f"  torchvision's forward vs ours: largest difference {difference:.2e}")
     return {"tv_fwd": lambda: worker.seconds({"op": "roi_run", "backward": False, "clock": "wall"}),
