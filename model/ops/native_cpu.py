@@ -211,8 +211,9 @@ def roi_align_backward(grad_output: Tensor, shapes: Sequence[Sequence[int]], spa
     """Gradient of the average-mode ``roi_align_forward`` w.r.t. every map, in one call.
 
     grad_output [K,C,ph,pw]; shapes: each map's (N, C, H_l, W_l); rois, levels, spatial_scales,
-    sampling_ratio, aligned as the forward's -> one float32 gradient [N,C,H_l,W_l] per map, in
-    channels-last memory (the kernel adds C-vectors; a consumer that wants NCHW copies it).
+    sampling_ratio, aligned as the forward's -> one float32 gradient [N,C,H_l,W_l] per map,
+    contiguous NCHW (the kernel adds C-vectors into channels-last buffers, copied to NCHW at the
+    end: the strides the graph op registers, which traced graphs rely on).
     """
     library = load_library()
     if library is None:
@@ -236,4 +237,4 @@ def roi_align_backward(grad_output: Tensor, shapes: Sequence[Sequence[int]], spa
         torch.get_num_threads(), grad_output.data_ptr())
     _check_status(status, "native RoIAlign backward", f"maps {[tuple(s) for s in shapes]}, rois {tuple(rois.shape)}, "
                                                       f"grad_output {tuple(grad_output.shape)}")
-    return [g.permute(0, 3, 1, 2) for g in grads]
+    return [g.permute(0, 3, 1, 2).contiguous() for g in grads]

@@ -476,7 +476,7 @@ def _roi_align_backward(grad_output: Tensor, input: Tensor, boxes: Tensor | Sequ
     if mode == "avg" and rois.shape[0] and _NATIVE_BACKWARD and _native_applies(compute, [input]):
         grad = native_cpu.roi_align_backward(grad_output, [tuple(input.shape)], [spatial_scale], rois, None,
                                              sampling_ratio, aligned)[0]
-        return grad.contiguous().to(input.dtype)
+        return grad.to(input.dtype)
     grad_rows = torch.zeros((n * height * width, channels), dtype=compute, device=input.device)
     if rois.shape[0] == 0 or channels == 0:
         return grad_rows.view(n, height, width, channels).permute(0, 3, 1, 2).to(input.dtype)
@@ -816,8 +816,7 @@ def multilevel_roi_align_backward_eager(
         # One native call spreads every RoI's gradient at its level.
         grads = native_cpu.roi_align_backward(grad_flat, [tuple(f.shape) for f in features], spatial_scales,
                                               flat.detach().to(torch.float32), levels, sampling_ratio, aligned)
-        # NCHW like the fallback's and the op's registered fake: traced graphs rely on the strides.
-        return [g.contiguous().to(f.dtype) for g, f in zip(grads, features)]
+        return [g.to(f.dtype) for g, f in zip(grads, features)]
     grads = []
     for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
         idx = torch.where(levels == level)[0]
