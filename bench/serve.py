@@ -8,7 +8,9 @@ and CPU time per image of
 
 - the in-process ``Predictor`` called sequentially (the baseline),
 - `maskrt serve` (Triton, dynamic batching) at concurrency 1 over gRPC and over HTTP (binary
-  tensors), and at the ``--concurrency`` levels over gRPC (one client per thread);
+  tensors), and at the ``--concurrency`` levels over gRPC (one client per thread, ``--count``
+  requests each; besides the whole run's rate, the steady rate between the last client's first
+  answer and the first client's last, which the throughput goal uses);
 - the same over gRPC with the frame in Triton's system shared memory (``shm``: a client on the
   server's machine; each client thread has its own registered region), at 1 and the highest level;
 - ``TritonPredictor`` (what ``maskrt infer --server`` runs: the request, then the masks decoded
@@ -31,7 +33,9 @@ the same detections), and the rest (client serialisation, gRPC/HTTP transport, T
 end); and, for the throughput goal, the CPU time each path spends per image (this process for
 the in-process path and the clients; tritonserver and its Python-backend stubs from /proc).
 Goals (the issue's): batch-1 latency overhead (Triton gRPC c1 p50 / in-process p50 - 1) <= 10 %;
-Triton's throughput at concurrency 8 >= the in-process sequential rate.
+Triton's steady throughput at concurrency 8 >= the in-process sequential rate. On a CPU server,
+one single-threaded instance per core (``--servers 2x1:1`` on 2 cores) is the configuration for
+throughput (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -96,6 +100,16 @@ def process_tree_cpu_s(root: int) -> float:
         total += times.get(pid, 0.0)
         stack.extend(children.get(pid, []))
     return total
+
+
+def steady_rate(answered: list[list[float]]) -> float | None:
+    """Answers per second while every client was in flight: ``answered`` holds each client's
+    answer times in order; the window runs from the last client's first answer to the first
+    client's last, and the answers after its start and up to its end are counted. None when the
+    window is empty (a client with one answer, or none inside)."""
+    start, end = max(times[0] for times in answered), min(times[-1] for times in answered)
+    inside = sum(1 for times in answered for t in times if start < t <= end)
+    return inside / (end - start) if end > start and inside else None
 
 
 def summary(latencies_s: list[float], wall_s: float, cpu_s: float) -> dict[str, float]:
@@ -220,18 +234,26 @@ class TritonClients:
         return call, close
 
     def run(self, protocol: str, image: np.ndarray, concurrency: int, count: int) -> dict[str, float]:
-        """``concurrency`` clients (one thread each) send ``count`` requests in all (``caller``)."""
-        per_thread = max(1, count // concurrency)
+        """``concurrency`` clients (one thread each, ``caller``) send ``count`` requests each.
+
+        Besides the rate over the whole run it gives the steady rate (``steady_images_per_s``):
+        the answers that arrived after every client had its first one and before any client had
+        its last, over that window. The whole run's rate also holds the start (the first batch
+        forms from whoever asked first) and the end (the last requests run while instances that
+        have no more work idle), which at a few requests per client weigh as much as the middle."""
         latencies: list[float] = []
+        answered: list[list[float]] = [[] for _ in range(concurrency)]  # each client's answer times
         lock = threading.Lock()
         callers = [self.caller(protocol, image, i) for i in range(concurrency)]
 
         def worker(index: int) -> None:
             call, mine = callers[index][0], []
-            for _ in range(per_thread):
+            for _ in range(count):
                 t0 = time.perf_counter()
                 call()
-                mine.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                mine.append(t1 - t0)
+                answered[index].append(t1)
             with lock:
                 latencies.extend(mine)
 
@@ -250,6 +272,8 @@ class TritonClients:
         for _, close in callers:
             close()
         figures = summary(latencies, wall, server_cpu + client_cpu)
+        steady = steady_rate(answered) if concurrency > 1 else None
+        figures["steady_images_per_s"] = steady if steady is not None else figures["images_per_s"]
         figures["server_cpu_ms_per_image"] = 1000.0 * server_cpu / len(latencies)
         requests = max(after["requests"] - before["requests"], 1.0)
         for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
@@ -279,17 +303,19 @@ def main() -> int:
     parser.add_argument("--export-size", type=int, default=320)
     parser.add_argument("--sizes", nargs="+", default=["1080x1920", "input"],
                         help="image sizes HxW, or 'input' for the model's input size (default: 1080p and input)")
-    parser.add_argument("--count", type=int, default=16, help="requests per measurement")
+    parser.add_argument("--count", type=int, default=16,
+                        help="requests per measurement and client (at concurrency 8: 8 x count in all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8], help="gRPC levels besides 1")
     parser.add_argument("--conf", type=float, default=0.0,
                         help="served threshold (default 0: the untrained model's ~0.3 scores fill every slot, "
                         "so the masks and their RLE cost what a full frame of detections costs)")
     parser.add_argument("--servers", nargs="+", default=["1", "2x1"],
-                        help="server configurations, INSTANCES or INSTANCESxTHREADS (`maskrt serve --instances "
-                        "--threads`): one server each, all measured in every round (default: 1, the defaults; "
-                        "2x1, two single-threaded instances)")
-    parser.add_argument("--max-batch", type=int, default=8, help="`maskrt serve --max-batch`")
+                        help="server configurations, INSTANCES[xTHREADS][:MAX_BATCH] (`maskrt serve --instances "
+                        "--threads --max-batch`, e.g. 2x1:1): one server each, all measured in every round "
+                        "(default: 1, the defaults; 2x1, two single-threaded instances)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="`maskrt serve --max-batch` of the servers whose spec gives none")
     parser.add_argument("--max-queue-delay-us", type=int, default=None,
                         help="`maskrt serve --max-queue-delay-us` (default: serve's default)")
     parser.add_argument("--image", help="an image the model knows (e.g. one of its validation images), resized to "
@@ -316,10 +342,11 @@ def main() -> int:
     servers, commands, logs, ports = {}, {}, {}, {}
     for spec in args.servers:
         http, grpc, metrics = free_ports(3)
-        instances, _, threads = spec.partition("x")
+        layout, _, max_batch = spec.partition(":")
+        instances, _, threads = layout.partition("x")
         command = [sys.executable, "-m", "maskrt", "serve", "--model", str(model), "--conf", str(args.conf),
                    "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                   "--instances", instances, "--max-batch", str(args.max_batch)]
+                   "--instances", instances, "--max-batch", max_batch or str(args.max_batch)]
         if threads:
             command += ["--threads", threads]
         if args.max_queue_delay_us is not None:
@@ -361,7 +388,7 @@ def main() -> int:
             detections = len(predictor(image))
             run_in_process(predictor, image, 3)  # warm-up
             for spec, client in clients.items():
-                client.run("grpc", image, 8, 16)
+                client.run("grpc", image, 8, 2)
                 client.run("http", image, 1, 2)
                 if not args.no_shm:
                     client.run("shm", image, 2, 2)
@@ -390,6 +417,8 @@ def main() -> int:
                 entry = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
                 entry["p50_ms_min"] = float(min(r["p50_ms"] for r in runs))
                 entry["images_per_s_max"] = float(max(r["images_per_s"] for r in runs))
+                entry["steady_images_per_s_max"] = float(max(r.get("steady_images_per_s", r["images_per_s"])
+                                                             for r in runs))
                 figures[name] = entry
             tag = f"i{first} " if len(args.servers) > 1 else ""
             base, c1 = figures["in-process"], figures[f"{tag}grpc c1"]
@@ -400,10 +429,11 @@ def main() -> int:
                                                   figures[name]["p50_ms_min"] / base["p50_ms_min"] - 1.0]
                                            for name in c1_names}
             top = [name for name, _, _, c in paths if c == max(args.concurrency)]
-            figures["throughput_vs_sequential"] = {name: figures[name]["images_per_s"] / base["images_per_s"]
+            # The throughput goal is about serving without end (cameras streaming): the steady rate.
+            figures["throughput_vs_sequential"] = {name: figures[name]["steady_images_per_s"] / base["images_per_s"]
                                                    for name in top}
             figures["throughput_vs_sequential_best"] = {
-                name: figures[name]["images_per_s_max"] / base["images_per_s_max"] for name in top}
+                name: figures[name]["steady_images_per_s_max"] / base["images_per_s_max"] for name in top}
             figures["pack_ms"] = float(min(packing))
             figures["rle_per_mask_loop_ms"] = float(min(packing_per_mask))
             for _, close in callers.values():
@@ -422,11 +452,11 @@ def main() -> int:
             report["sizes"][size] = figures  # type: ignore[index]
             print(f"{h}x{w} images ({size}), {detections} detections each, model input "
                   f"{predictor.input_size[0]}x{predictor.input_size[1]}; median [best] of {args.rounds} interleaved "
-                  f"rounds x {args.count} requests; load average at each round's start: "
+                  f"rounds x {args.count} requests per client; load average at each round's start: "
                   f"{', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} CPUs")
             print(f"  {'path':<16} {'images/s':>16} {'p50 ms':>16} {'p99 ms':>8} {'CPU ms/image':>13} "
                   f"{'cores':>6} {'server CPU':>11} {'server ms/req':>14} {'queue ms':>9} {'batch':>6}")
-            for name, _, _, _ in paths:
+            for name, _, _, concurrency in paths:
                 f = figures[name]
                 best = f"[{f['images_per_s_max']:.2f}]"
                 line = (f"  {name:<16} {f['images_per_s']:8.2f} {best:>7} {f['p50_ms']:8.1f} [{f['p50_ms_min']:5.1f}] "
@@ -435,6 +465,8 @@ def main() -> int:
                     line += (f" {f['server_cpu_ms_per_image']:11.1f} {f['server_success_ms']:14.1f} "
                              f"{f['server_queue_ms']:9.1f} {f['mean_batch']:6.2f}  in {f['server_compute_input_ms']:.1f}"
                              f" out {f['server_compute_output_ms']:.1f}")
+                if concurrency > 1:
+                    line += f"  steady {f['steady_images_per_s']:.2f} images/s"
                 print(line)
             rest = c1["p50_ms"] - c1["server_success_ms"]
             print(f"  {tag}gRPC c1, where the time goes (ms per request): in-process Predictor {base['p50_ms']:.1f}; "
