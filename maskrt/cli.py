@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--instances", type=int, default=1, help="model instances (processes) serving in parallel")
     se.add_argument("--threads", type=int,
                     help="ONNX Runtime intra-op threads per instance (default: one per core); on a CPU server "
-                    "`--instances 2 --threads 1` runs two graphs side by side")
+                    "`--instances <cores> --threads 1 --max-batch 1` serves the most images per second, at one "
+                    "thread's latency per request (docs/serving.md)")
     se.add_argument("--max-queue-delay-us", type=int, default=0,
                     help="how long (microseconds) the dynamic batcher holds a request to wait for others "
                     "(default 0: requests that queue while the model is busy are batched anyway)")
