@@ -310,10 +310,11 @@ def main() -> int:
     parser.add_argument("--conf", type=float, default=0.0,
                         help="served threshold (default 0: the untrained model's ~0.3 scores fill every slot, "
                         "so the masks and their RLE cost what a full frame of detections costs)")
-    parser.add_argument("--servers", nargs="+", default=["1", "2x1"],
+    parser.add_argument("--servers", nargs="+", default=["1", "2x1:1"],
                         help="server configurations, INSTANCES[xTHREADS][:MAX_BATCH] (`maskrt serve --instances "
                         "--threads --max-batch`, e.g. 2x1:1): one server each, all measured in every round "
-                        "(default: 1, the defaults; 2x1, two single-threaded instances)")
+                        "(default: 1, the defaults; 2x1:1, two single-threaded instances, batches of 1: the "
+                        "CPU server's configuration for throughput)")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="`maskrt serve --max-batch` of the servers whose spec gives none")
     parser.add_argument("--max-queue-delay-us", type=int, default=None,
