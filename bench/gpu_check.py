@@ -11,6 +11,7 @@ Builds the CUDA kernel, the TensorRT plugin library and the plugin harness for t
 4. speed      kernel time vs torchvision's CUDA op and vs the DRAM floor
 5. pytorch    maskrt's PyTorch model on CUDA = torchvision's maskrcnn_resnet50_fpn; latency ratio
 6. training   training on CUDA under autocast: losses finite and falling; step time ratio
+7. loop       the 1080p camera loop with overlays saved, beside the model on CUDA: loop / model alone
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md after every check (a run cut short keeps what
 finished). Exit status 1 only when a correctness check fails or cannot finish; speed goals
@@ -69,6 +70,7 @@ CHECKS = [
     Check(4, "speed", "kernel time vs torchvision and the DRAM floor", 90, False),
     Check(5, "pytorch", "PyTorch model on CUDA = torchvision maskrcnn_resnet50_fpn; eager latency", 150, True),
     Check(6, "training", "training on CUDA under autocast; step time vs torchvision", 150, True),
+    Check(7, "loop", "1080p camera loop with overlays beside the model on CUDA: loop / model alone", 75, False),
 ]
 CHECKS_BY_NAME = {check.name: check for check in CHECKS}
 
@@ -785,9 +787,87 @@ def _run_trainer(option: str, emit: Callable[[dict], None]) -> str:
     return "ran: " + ", ".join(notes)
 
 
+class TorchModelBackend:
+    """The runtime's Backend interface (``maskrt.runtime.backends``) over the PyTorch model on a
+    device, running what the ONNX export traces (``DetectBatchGraph``): the GPU machines have
+    neither TensorRT nor onnxruntime-gpu, so this is the GPU engine the loop check can run."""
+
+    name = "pytorch"
+    fixed_batch = None
+    max_batch = None
+
+    def __init__(self, model, input_size: tuple[int, int], device: str) -> None:
+        import torch
+
+        from maskrt.export.onnx_export import DetectBatchGraph, model_metadata
+
+        self.torch, self.device = torch, device
+        self.graph = DetectBatchGraph(model.eval().to(device))
+        self.metadata = model_metadata(model, input_size, "onnx", "fp32")
+
+    def run(self, images):
+        from maskrt.runtime.backends import OUTPUT_NAMES
+
+        with self.torch.inference_mode():
+            outputs = self.graph(self.torch.from_numpy(images).to(self.device))
+        return {name: value.cpu().numpy() for name, value in zip(OUTPUT_NAMES, outputs)}  # .cpu() waits for it
+
+
+def loop_figures(device: str, detections: int, draw_threads: int, size: tuple[int, int], frames: int,
+                 rounds: int, folder: Path) -> dict[str, Any]:
+    """``maskrt bench --source --draw``'s rounds (``bench_round``: the model alone on the letterboxed
+    frame, then the pipelined loop with overlays encoded to mp4) with the seeded untrained ``edge``
+    at 512 px on ``device``, every frame ``detections`` detections (score threshold 0), on a
+    synthetic clip of ``size`` (h, w). Medians over rounds, each round's ratio kept."""
+    import statistics
+
+    import torch
+
+    from maskrt.model import build_model
+    from maskrt.runtime.commands import bench_round, predictor_stages, write_synthetic_video
+    from maskrt.runtime.predictor import Predictor
+    from maskrt.runtime.video import open_source
+
+    torch.manual_seed(0)
+    names = ["__background__", "circle", "square", "triangle"]
+    model = build_model("edge", num_classes=len(names), class_names=names, min_size=512, max_size=512,
+                        box_score_thresh=0.0, box_detections_per_img=detections)
+    predictor = Predictor.from_backend(TorchModelBackend(model, (512, 512), device), conf=0.0, source="edge")
+    clip = write_synthetic_video(folder / f"clip{size[0]}.mp4", size[0], size[1], frames)
+    probe = open_source(str(clip))
+    try:
+        frame = next(iter(probe.frames()))[1]
+    finally:
+        probe.close()
+    inputs, _ = predictor.preprocess([frame])
+    for _ in range(3):  # warm-up: cuDNN's choices, the allocator
+        predictor.infer(inputs)
+    stages = predictor_stages(predictor, conf=0.0, draw_threads=draw_threads)
+    results = [bench_round(predictor, inputs, stages, open_source(str(clip)), frames, folder / "overlay.mp4")[0]
+               for _ in range(rounds)]
+    return {"engine_fps": statistics.median(r["engine_fps"] for r in results),
+            "loop_fps": statistics.median(r["loop_fps"] for r in results),
+            "ratio": statistics.median(r["ratio"] for r in results), "ratios": [r["ratio"] for r in results]}
+
+
+def check_loop(built: dict, emit: Callable[[dict], None]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NotRun("torch has no CUDA device")
+    with tempfile.TemporaryDirectory() as folder:
+        for detections, draw_threads in ((10, 1), (100, 4)):
+            result = loop_figures("cuda", detections, draw_threads, (1080, 1920), 30, 3, Path(folder))
+            emit(figure(f"1080p loop with overlays / model alone, {detections} detections, {draw_threads} drawing "
+                        f"thread{'s' if draw_threads > 1 else ''}", result["ratio"], "x", ">= 0.9",
+                        result["ratio"] >= 0.9, kind="speed",
+                        detail=f"loop {result['loop_fps']:.1f} FPS, model alone {result['engine_fps']:.1f} images/s "
+                               f"(PyTorch eager, fp32); rounds " + " / ".join(f"{r:.2f}" for r in result["ratios"])))
+
+
 CHECK_FUNCTIONS: dict[str, Callable[[dict, Callable[[dict], None]], None]] = {
     "kernel": check_kernel, "sanitizer": check_sanitizer, "plugin": check_plugin, "speed": check_speed,
-    "pytorch": check_pytorch, "training": check_training,
+    "pytorch": check_pytorch, "training": check_training, "loop": check_loop,
 }
 
 
@@ -845,7 +925,8 @@ def dry_run(checks: list[Check], built: Built, env: dict, log: Callable[[str], N
     imports = {}
     for module in ("numpy", "maskrt.plugins.cpu", "maskrt.plugins.kernel_lib", "maskrt.plugins.build", "torch",
                    "maskrt.model", "maskrt.model.convert", "maskrt.model.presets", "torchvision",
-                   "torchvision.models.detection", "cuda.bindings.runtime", "maskrt.train.trainer"):
+                   "torchvision.models.detection", "cuda.bindings.runtime", "maskrt.train.trainer",
+                   "maskrt.export.onnx_export", "maskrt.runtime.commands", "cv2"):
         try:
             __import__(module)
             imports[module] = "ok"

@@ -71,7 +71,7 @@ def test_dry_run_builds_imports_and_plans_every_check(dry_run_report):
     assert report["dry_run"] is True and report["result"] == "dry run: ok"
     assert Path(report["build"]["kernel_library"]).is_file()
     assert report["build"]["arch"] == "90"
-    for name in ("kernel", "sanitizer", "plugin", "speed", "pytorch", "training"):
+    for name in ("kernel", "sanitizer", "plugin", "speed", "pytorch", "training", "loop"):
         assert f"would run" in result.stdout and f" {name} (limit" in result.stdout, name
     assert report["imports"]["maskrt.model.convert"] == "ok"
     if report["build"]["tensorrt_include"]:
@@ -265,11 +265,37 @@ def test_trainer_device_option_is_detected_by_inspection():
     assert gpu_check.trainer_device_option() == ("device" if has_device else None)
 
 
+def test_loop_check_runs_the_product_loop_beside_the_pytorch_model(tmp_path):
+    """Check 7 on the CPU: the PyTorch model behind the runtime's Backend interface gives the
+    graph's five outputs with the runtime's dtypes and shapes, the Predictor over it keeps every
+    slot at score threshold 0, and ``bench_round``'s loop runs every frame of a small clip."""
+    import torch
+
+    from maskrt.model import build_model
+    from maskrt.runtime.predictor import Predictor
+
+    torch.manual_seed(0)
+    model = build_model("edge", num_classes=3, class_names=["__background__", "a", "b"], min_size=128,
+                        max_size=128, box_score_thresh=0.0, box_detections_per_img=7)
+    backend = gpu_check.TorchModelBackend(model, (128, 128), "cpu")
+    predictor = Predictor.from_backend(backend, conf=0.0, source="edge")
+    image = np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    inputs, _ = predictor.preprocess([image, image])
+    outputs = backend.run(inputs)
+    assert outputs["num_dets"].dtype == np.int32 and outputs["num_dets"].shape == (2,)
+    assert outputs["boxes"].shape == (2, 7, 4) and outputs["masks"].shape == (2, 7, 28, 28)
+    assert outputs["labels"].dtype == np.int32 and outputs["scores"].dtype == np.float32
+    assert len(predictor(image)) == int(outputs["num_dets"][0]) == 7
+    result = gpu_check.loop_figures("cpu", 5, 2, (120, 160), 4, 2, tmp_path)
+    assert len(result["ratios"]) == 2 and result["loop_fps"] > 0 and result["engine_fps"] > 0
+    assert (tmp_path / "overlay.mp4").stat().st_size > 0
+
+
 # ---- options, the child record, the report -----------------------------------------------------------
 
 def test_parse_only():
     assert [c.name for c in gpu_check.parse_only(None)] == ["kernel", "sanitizer", "plugin", "speed", "pytorch",
-                                                             "training"]
+                                                             "training", "loop"]
     assert [c.name for c in gpu_check.parse_only("training, kernel")] == ["kernel", "training"]  # run order
     with pytest.raises(ValueError, match="unknown check.*kernal"):
         gpu_check.parse_only("kernal")
