@@ -800,17 +800,16 @@ class TorchModelBackend:
         import torch
 
         from maskrt.export.onnx_export import DetectBatchGraph, model_metadata
+        from maskrt.runtime.backends import OUTPUT_NAMES
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.output_names = torch, device, OUTPUT_NAMES
         self.graph = DetectBatchGraph(model.eval().to(device))
         self.metadata = model_metadata(model, input_size, "onnx", "fp32")
 
     def run(self, images):
-        from maskrt.runtime.backends import OUTPUT_NAMES
-
         with self.torch.inference_mode():
             outputs = self.graph(self.torch.from_numpy(images).to(self.device))
-        return {name: value.cpu().numpy() for name, value in zip(OUTPUT_NAMES, outputs)}  # .cpu() waits for it
+        return {name: value.cpu().numpy() for name, value in zip(self.output_names, outputs)}  # .cpu() waits
 
 
 def loop_figures(device: str, detections: int, draw_threads: int, size: tuple[int, int], frames: int,
